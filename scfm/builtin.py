@@ -1,0 +1,114 @@
+"""Built-in data that ships with the package, so no run downloads anything.
+
+- ``pbmc3k()``: real 10x PBMC 3k raw counts with Seurat cell-type labels (see resources/pbmc3k/README.md).
+- ``synthetic(...)``: the seeded simulator (``scfm.simulate``).
+- ``geneformer_dictionary(name)``: Geneformer's published token dictionaries and gene medians.
+- ``builtin_corpus(name, cache_dir)``: the corpus of a built-in dataset, prepared once into a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import lzma
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scfm.errors import ScfmInputError
+
+RESOURCES = Path(__file__).parent / "resources"
+GENEFORMER_NAMES = {
+    "geneformer_gc30M": ("token_dictionary_gc30M", "gene_median_dictionary_gc30M"),
+    "geneformer_gc95M": ("token_dictionary_gc95M", "gene_median_dictionary_gc95M"),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$SCFM_CACHE`` or ``~/.cache/scfm``."""
+    return Path(os.environ.get("SCFM_CACHE", Path.home() / ".cache" / "scfm")).expanduser()
+
+
+def pbmc3k():
+    """PBMC 3k as an ``AnnData``: raw counts (CSR, float32 like 10x h5ad), obs ``cell_type``, var ``gene_symbols``."""
+    import anndata as ad
+
+    folder = RESOURCES / "pbmc3k"
+    with np.load(io.BytesIO(lzma.decompress((folder / "counts.npz.xz").read_bytes()))) as z:
+        indptr, delta, counts, shape = z["indptr"], z["index_delta"].astype(np.int64), z["counts"], z["shape"]
+    starts = indptr[:-1][np.diff(indptr) > 0]
+    # undo the per-row delta coding: cumulative sum restarted at each row start
+    csum = np.cumsum(delta)
+    row_base = np.zeros_like(delta)
+    row_base[starts] = csum[starts] - delta[starts]
+    indices = csum - np.maximum.accumulate(row_base)
+    X = sp.csr_matrix((counts.astype(np.float32), indices.astype(np.int32), indptr), shape=tuple(shape))
+    genes = pd.read_csv(folder / "genes.tsv", sep="\t")
+    cells = pd.read_csv(folder / "cells.tsv", sep="\t", keep_default_na=False)
+    obs = pd.DataFrame({"cell_type": pd.Categorical(cells.cell_type.replace("", None))},
+                       index=pd.Index(cells.barcode.astype(str), name=None))
+    var = pd.DataFrame({"gene_symbols": genes.symbol.to_numpy()}, index=pd.Index(genes.gene_id.astype(str)))
+    return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def synthetic(**params: Any):
+    """The seeded simulator's AnnData (``scfm.simulate.simulate`` parameters)."""
+    from scfm.simulate import simulate
+
+    return simulate(**params)
+
+
+def geneformer_dictionary(name: str, kind: str = "medians") -> Path:
+    """Path of a Geneformer dictionary decompressed into the cache; ``kind`` is 'medians' or 'tokens'."""
+    if name not in GENEFORMER_NAMES:
+        raise ScfmInputError(f"unknown Geneformer dictionary {name!r}",
+                             fix=f"use one of {sorted(GENEFORMER_NAMES)} or the path of a .json file")
+    stem = GENEFORMER_NAMES[name][0 if kind == "tokens" else 1]
+    out = default_cache_dir() / "geneformer" / f"{stem}.json"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(lzma.decompress((RESOURCES / "geneformer" / f"{stem}.json.xz").read_bytes()))
+        os.replace(tmp, out)
+    return out
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def builtin_corpus(name: str, cache_dir: str | Path | None = None, params: dict[str, Any] | None = None,
+                   progress: bool = True):
+    """The corpus of built-in dataset ``name`` ('pbmc3k' or 'synthetic'), prepared once into the cache.
+
+    The dataset is written as an ``.h5ad`` and goes through ``scfm.corpus.prepare`` like any user file.
+    """
+    from scfm.corpus import Corpus, PrepareOptions, is_corpus, prepare
+
+    params = dict(params or {})
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name == "pbmc3k":
+        folder = cache / "corpora" / "pbmc3k"
+        make, columns = pbmc3k, {"cell_type": "cell_type"}
+    elif name == "synthetic":
+        folder = cache / "corpora" / f"synthetic-{_params_key(params)}"
+        make, columns = (lambda: synthetic(**params)), {"cell_type": "cell_type", "batch": "batch"}
+    else:
+        raise ScfmInputError(f"unknown built-in dataset {name!r}", fix="use data=pbmc3k or data=synthetic, "
+                             "or data=corpus with data.corpus=<folder made by scfm-prepare>")
+    if is_corpus(folder):
+        return Corpus(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    h5ad = folder.with_name(folder.name + ".h5ad")
+    if not h5ad.exists():
+        tmp = h5ad.with_name(h5ad.name + f".tmp{os.getpid()}.h5ad")
+        adata = make()
+        adata.uns = {}
+        adata.write_h5ad(tmp)
+        os.replace(tmp, h5ad)
+    return prepare([str(h5ad)], folder, PrepareOptions(columns=columns, progress=progress))

@@ -1,0 +1,575 @@
+"""The corpus on disk: written once by ``prepare``, read by every encoding through ``Corpus``.
+
+Layout (DESIGN.md §2)::
+
+    corpus/
+      manifest.json             format, vocab hash, sources (path, sha256), shards (cells, tokens, files + sha256)
+      vocab.tsv                 token id, gene id, symbol; special tokens first
+      gene_stats.parquet        per token: n_nonzero, nonzero_median (count/total×1e4), mean
+      shards/NNNNN/             memory-mapped TensorDict: gene_ids [T] int32, counts [T] int32, offsets [N+1] int64
+      shards/NNNNN.obs.parquet  cell_id, source, total_counts, n_genes, split_key, + declared label columns
+
+A tokenized cell is its non-zero in-vocabulary genes in ascending token order with raw counts, plus its
+total count over *all* input genes. Writing happens in ``<output>.partial`` and is renamed at the end;
+a rerun skips sources already in the manifest with the same checksum, so an interrupted prepare
+completes to the same bytes as a clean run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scfm.errors import CorruptCorpusError, ScfmInputError
+from scfm.gene_stats import GeneStatsAccumulator, normalised_values
+from scfm.vocab import Vocab, load_gene_map, strip_version
+
+FORMAT = "scfm-corpus"
+FORMAT_VERSION = 1
+LABEL_ROLES = ("cell_type", "batch", "perturbation", "modality", "split")
+SHARD_ARRAYS = {"gene_ids": np.int32, "counts": np.int32, "offsets": np.int64}
+
+
+@dataclass
+class InputSpec:
+    """One input: an ``.h5ad`` file, a 10x mtx folder or a 10x ``.h5``."""
+
+    path: str
+    layer: str | None = None
+    use_raw: bool = False
+    gene_id_column: str | None = None
+    symbol_column: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class PrepareOptions:
+    """Everything ``prepare`` needs besides the inputs; the Hydra app's ``conf/prepare.yaml`` mirrors it."""
+
+    vocab: str | None = None  # vocab.tsv or a Geneformer token dictionary .json; None = built from the inputs
+    gene_map: str | None = None  # symbol -> Ensembl table for inputs that carry only symbols
+    gene_key: str = "ensembl"  # 'ensembl' or 'symbol': what the vocabulary is keyed by
+    duplicate_genes: str = "error"  # several input columns for one token: 'error' | 'sum' | 'first'
+    columns: dict[str, str] = field(default_factory=dict)  # role (cell_type, batch, ...) -> obs column
+    empty_cells: str = "skip"  # cells with no in-vocabulary counts: 'skip' (counted) | 'error'
+    shard_cells: int = 65_536
+    shard_tokens: int = 1 << 24
+    chunk_cells: int = 8_192
+    gene_stats: str = "auto"  # 'auto' | 'exact' | 'histogram'
+    exact_max_values: int = 20_000_000  # 'auto' uses exact medians up to this many non-zeros
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_corpus(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+@dataclass
+class Shard:
+    """Numpy views of one shard: cell ``i`` is ``gene_ids[offsets[i]:offsets[i+1]]``."""
+
+    gene_ids: np.ndarray
+    counts: np.ndarray
+    offsets: np.ndarray
+    total_counts: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_genes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class Corpus:
+    """A prepared corpus. Opening checks every file's size against the manifest; ``verify()`` checks sha256."""
+
+    def __init__(self, path: str | Path, verify: bool = False) -> None:
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            raise ScfmInputError("not a scfm corpus (no manifest.json)", where=str(self.path),
+                                 fix="build one with `scfm-prepare input=<file> output=<folder>`")
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
+            raise ScfmInputError(f"unsupported corpus format {self.manifest.get('format')!r} "
+                                 f"v{self.manifest.get('version')}", where=str(manifest),
+                                 fix=f"re-run scfm-prepare with this scfm (format {FORMAT} v{FORMAT_VERSION})")
+        if not self.manifest.get("complete"):
+            raise ScfmInputError("corpus is incomplete (an interrupted scfm-prepare)", where=str(self.path),
+                                 fix="re-run the same scfm-prepare command; it resumes where it stopped")
+        self._check_sizes()
+        if verify:
+            self.verify()
+        self._shards: dict[int, Shard] = {}
+
+    # -- integrity ---------------------------------------------------------------------------
+    def _files(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        yield self.path / "vocab.tsv", self.manifest["vocab"]
+        yield self.path / "gene_stats.parquet", self.manifest["gene_stats"]
+        for shard in self.manifest["shards"]:
+            for name, meta in shard["files"].items():
+                yield self.path / "shards" / name, meta
+
+    def _check_sizes(self) -> None:
+        for file, meta in self._files():
+            if not file.is_file():
+                raise CorruptCorpusError("file listed in the manifest is missing", where=str(file),
+                                         fix="re-run scfm-prepare into a new folder (sources: manifest.json)")
+            size = file.stat().st_size
+            if size != meta["bytes"]:
+                raise CorruptCorpusError(f"size {size} bytes, manifest says {meta['bytes']} (truncated or altered)",
+                                         where=str(file),
+                                         fix="re-run scfm-prepare into a new folder, or restore this file")
+
+    def verify(self) -> None:
+        """Recompute the sha256 of every file and compare with the manifest."""
+        for file, meta in self._files():
+            if _sha256_file(file) != meta["sha256"]:
+                raise CorruptCorpusError("checksum differs from the manifest (corrupted shard)", where=str(file),
+                                         fix="re-run scfm-prepare into a new folder, or restore this file")
+
+    # -- content -----------------------------------------------------------------------------
+    @cached_property
+    def vocab(self) -> Vocab:
+        return Vocab.load(self.path / "vocab.tsv")
+
+    @cached_property
+    def gene_stats(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "gene_stats.parquet")
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @cached_property
+    def shard_sizes(self) -> np.ndarray:
+        return np.array([s["n_cells"] for s in self.manifest["shards"]], dtype=np.int64)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.shard_sizes.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(s["n_tokens"] for s in self.manifest["shards"]))
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Label roles present in the obs tables (role -> original column)."""
+        return dict(self.manifest.get("columns", {}))
+
+    def shard(self, i: int) -> Shard:
+        """Memory-mapped numpy views of shard ``i`` (opened once per process)."""
+        if i not in self._shards:
+            meta = self.manifest["shards"][i]
+            folder = self.path / "shards" / meta["name"]
+            arrays = {}
+            for key, dtype in SHARD_ARRAYS.items():
+                n = meta["n_cells"] + 1 if key == "offsets" else meta["n_tokens"]
+                arrays[key] = np.memmap(folder / f"{key}.memmap", dtype=dtype, mode="r", shape=(n,))
+            totals = self.obs(i, columns=["total_counts"])["total_counts"].to_numpy(np.int64)
+            self._shards[i] = Shard(total_counts=totals, **arrays)
+        return self._shards[i]
+
+    def shard_tensordict(self, i: int):
+        """Shard ``i`` as the memory-mapped ``TensorDict`` it was written as."""
+        from tensordict import TensorDict
+
+        return TensorDict.load_memmap(self.path / "shards" / self.manifest["shards"][i]["name"])
+
+    def obs(self, i: int, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        name = self.manifest["shards"][i]["name"]
+        return pd.read_parquet(self.path / "shards" / f"{name}.obs.parquet", columns=columns)
+
+    def cell(self, shard: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gene token ids and raw counts of one cell."""
+        s = self.shard(shard)
+        lo, hi = s.offsets[index], s.offsets[index + 1]
+        return np.asarray(s.gene_ids[lo:hi]), np.asarray(s.counts[lo:hi])
+
+    def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in each worker
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return (f"Corpus({str(self.path)!r}: {self.n_cells:,} cells, {self.n_tokens:,} tokens, "
+                f"{self.n_shards} shards, vocab {len(self.vocab):,})")
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _file_meta(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+
+
+def cell_hash(cell_ids: Sequence[str] | pd.Index) -> np.ndarray:
+    """Deterministic 64-bit hash per cell id (pandas' SipHash with its fixed key)."""
+    return pd.util.hash_pandas_object(pd.Index(cell_ids, dtype=object), index=False).to_numpy(np.uint64)
+
+
+def split_key(cell_ids: Sequence[str] | pd.Index) -> np.ndarray:
+    """A uniform number in [0, 1) per cell id, used for the deterministic train/val split."""
+    return (cell_hash(cell_ids) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _source_keys(source, options: PrepareOptions, gene_map: dict[str, str] | None) -> np.ndarray:
+    """The vocabulary key (Ensembl id or symbol) of each input column; None where unknown."""
+    var = source.var
+    label = str(source.path)
+    if options.gene_key == "symbol":
+        keys = var["symbol"].to_numpy(object)
+        if pd.isna(keys).all():
+            raise ScfmInputError("gene_key=symbol but the input has no gene symbols", where=label,
+                                 fix="use gene_key=ensembl, or pass symbol_column=<var column>")
+        return keys
+    if options.gene_key != "ensembl":
+        raise ScfmInputError(f"gene_key must be 'ensembl' or 'symbol', not {options.gene_key!r}")
+    ids = var["gene_id"].to_numpy(object).copy()
+    missing = pd.isna(ids)
+    if missing.any():
+        if gene_map is None:
+            raise ScfmInputError(f"{int(missing.sum()):,} of {len(ids):,} genes have no Ensembl id "
+                                 f"(e.g. symbols {list(var['symbol'][missing][:3])})", where=label,
+                                 fix="pass gene_map=<table with symbol,gene_id columns>, or gene_key=symbol "
+                                     "to key the vocabulary by symbol")
+        ids[missing] = [gene_map.get(s) for s in var["symbol"][missing]]
+    return np.array([strip_version(x) if isinstance(x, str) else None for x in ids], dtype=object)
+
+
+@dataclass
+class _ColumnMap:
+    """Maps a source's columns to vocabulary tokens (sum / first / error for duplicates)."""
+
+    matrix: sp.csr_matrix  # n_source_genes x n_used, 0/1
+    used_tokens: np.ndarray  # ascending token ids of the used columns
+    n_out_of_vocab: int
+    oov_examples: list[str]
+    n_duplicates: int
+
+
+def _column_map(keys: np.ndarray, vocab: Vocab, policy: str, label: str, symbols: Sequence) -> _ColumnMap:
+    tokens = vocab.lookup(list(keys))
+    oov = tokens < 0
+    keep = np.nonzero(~oov)[0]
+    tok = tokens[keep]
+    uniq, first_index, counts = np.unique(tok, return_index=True, return_counts=True)
+    n_dup = int((counts > 1).sum())
+    if n_dup:
+        dup_tok = uniq[counts > 1][:3]
+        examples = [f"{vocab.gene_ids[t - vocab.n_special]} ← columns "
+                    f"{[str(symbols[c]) for c in keep[tok == t]][:3]}" for t in dup_tok]
+        if policy == "error":
+            raise ScfmInputError(f"{n_dup} genes appear in several input columns, e.g. {examples}",
+                                 where=label, fix="pass duplicate_genes=sum (add their counts) or "
+                                                  "duplicate_genes=first (keep the first column)")
+        if policy == "first":
+            keep, tok = keep[first_index], tok[first_index]
+        elif policy != "sum":
+            raise ScfmInputError(f"duplicate_genes must be error|sum|first, not {policy!r}")
+    col = np.searchsorted(uniq, tok)
+    matrix = sp.csr_matrix((np.ones(len(keep), np.int32), (keep, col)), shape=(len(keys), len(uniq)))
+    oov_examples = [str(k if isinstance(k, str) else s) for k, s in zip(keys[oov][:5], np.asarray(symbols)[oov][:5])]
+    return _ColumnMap(matrix, uniq, int(oov.sum()), oov_examples, n_dup)
+
+
+class _ShardWriter:
+    """Buffers tokenized cells and writes a shard when it is full (atomically: temp folder, then rename)."""
+
+    def __init__(self, folder: Path, first_index: int, options: PrepareOptions) -> None:
+        self.folder, self.next_index, self.options = folder, first_index, options
+        self.written: list[dict[str, Any]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.gene_ids: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.obs: list[pd.DataFrame] = []
+        self.n_cells = self.n_tokens = 0
+
+    def add(self, gene_ids: np.ndarray, counts: np.ndarray, lengths: np.ndarray, obs: pd.DataFrame) -> None:
+        """Add a block of cells, splitting it over shards at the configured limits."""
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        i, n = 0, len(lengths)
+        while i < n:
+            room_tokens = self.options.shard_tokens - self.n_tokens
+            k = int(np.searchsorted(ends[i:] - starts[i], room_tokens, side="right"))
+            k = min(k, self.options.shard_cells - self.n_cells, n - i)
+            if k == 0:
+                if self.n_cells:  # the next cell does not fit: close this shard
+                    self.flush()
+                    continue
+                k = 1  # a cell longer than the token budget gets a shard of its own
+            lo, hi = starts[i], ends[i + k - 1]
+            self.gene_ids.append(gene_ids[lo:hi])
+            self.counts.append(counts[lo:hi])
+            self.lengths.append(lengths[i:i + k])
+            self.obs.append(obs.iloc[i:i + k])
+            self.n_cells += k
+            self.n_tokens += int(hi - lo)
+            i += k
+            if i < n or self.n_cells >= self.options.shard_cells:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.n_cells == 0:
+            return
+        import torch
+        from tensordict import TensorDict
+
+        name = f"{self.next_index:05d}"
+        lengths = np.concatenate(self.lengths)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        arrays = {"gene_ids": np.concatenate(self.gene_ids).astype(np.int32),
+                  "counts": np.concatenate(self.counts).astype(np.int32), "offsets": offsets}
+        tmp = self.folder / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[]).memmap(tmp, num_threads=0)
+        obs = pd.concat(self.obs, ignore_index=True)
+        obs.to_parquet(tmp / "obs.parquet", index=False)
+        final = self.folder / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp / "obs.parquet", self.folder / f"{name}.obs.parquet")
+        os.replace(tmp, final)
+        files = {f"{name}/{k}.memmap": _file_meta(final / f"{k}.memmap") for k in SHARD_ARRAYS}
+        files[f"{name}/meta.json"] = _file_meta(final / "meta.json")
+        files[f"{name}.obs.parquet"] = _file_meta(self.folder / f"{name}.obs.parquet")
+        self.written.append({"name": name, "n_cells": self.n_cells, "n_tokens": self.n_tokens, "files": files})
+        self.next_index += 1
+        self._reset()
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    class CellsPerSecond(TextColumn):
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task):  # type: ignore[override]
+            speed = task.finished_speed or task.speed
+            from rich.text import Text
+
+            return Text(f"{speed:,.0f} cells/s" if speed else "… cells/s", style="cyan")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    CellsPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+                    transient=False)
+
+
+def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: PrepareOptions | None = None,
+            log: Callable[[str], None] = print) -> Corpus:
+    """Tokenize raw-count inputs into a corpus at ``output`` (see module docstring). Returns it, opened."""
+    from scfm.readers import open_source
+
+    options = options or PrepareOptions()
+    specs = [InputSpec(path=s) if isinstance(s, str | Path) else s for s in inputs]
+    if not specs:
+        raise ScfmInputError("no inputs given",
+                             fix="pass input=<file.h5ad | 10x folder | 10x .h5> (a list for several)")
+    output = Path(output)
+    append = output.exists()
+    if append and not is_corpus(output):
+        if output.is_dir() and not any(output.iterdir()):
+            append = False
+            output.rmdir()
+        else:
+            raise ScfmInputError("output path exists and is not a scfm corpus", where=str(output),
+                                 fix="choose a new output folder; scfm-prepare never overwrites other files")
+    staging = output if append else output.with_name(output.name + ".partial")
+    manifest: dict[str, Any] | None = None
+    if (staging / "manifest.json").is_file():
+        manifest = json.loads((staging / "manifest.json").read_text())
+
+    sources = [open_source(s.path, layer=s.layer, use_raw=s.use_raw, gene_id_column=s.gene_id_column,
+                           symbol_column=s.symbol_column) for s in specs]
+    gene_map = load_gene_map(options.gene_map) if options.gene_map else None
+    keys = [_source_keys(src, options, gene_map) for src in sources]
+
+    if manifest is not None:
+        vocab = Vocab.load(staging / "vocab.tsv")
+    elif options.vocab:
+        vocab = Vocab.load(options.vocab)
+    else:
+        symbols: dict[str, str | None] = {}
+        for src, k in zip(sources, keys):
+            for key, sym in zip(k, src.var["symbol"]):
+                if isinstance(key, str):
+                    symbols.setdefault(key, sym if isinstance(sym, str) else None)
+        vocab = Vocab.build(symbols.keys(), symbols)
+    if options.vocab and manifest is not None and Vocab.load(options.vocab).sha256() != manifest["vocab"]["sha256"]:
+        raise ScfmInputError("the given vocabulary differs from the corpus's", where=str(staging),
+                             fix="use the vocabulary the corpus was built with, or a new output folder")
+
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "shards").mkdir(exist_ok=True)
+    if manifest is None:
+        vocab.save(staging / "vocab.tsv")
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "sources": [], "shards": [],
+                    "vocab": {"file": "vocab.tsv", "n_tokens": len(vocab), **_file_meta(staging / "vocab.tsv")},
+                    "columns": dict(options.columns)}
+    elif dict(options.columns) != manifest.get("columns", {}):
+        raise ScfmInputError(f"label columns {dict(options.columns)} differ from the corpus's {manifest['columns']}",
+                             where=str(staging), fix="use the same columns= as the first run, or a new output folder")
+    # forget shards of an interrupted source: only the manifest's shards count
+    listed = {s["name"] for s in manifest["shards"]}
+    for entry in (staging / "shards").iterdir():
+        if entry.name.split(".")[0] not in listed:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    manifest["complete"] = False
+    _write_json_atomic(staging / "manifest.json", manifest)
+
+    done = {s["sha256"]: s for s in manifest["sources"]}
+    seen_hashes = [np.load(staging / f".cellhash-{s['sha256'][:16]}.npy") for s in manifest["sources"]
+                   if (staging / f".cellhash-{s['sha256'][:16]}.npy").exists()]
+    with _progress(options.progress) as progress:
+        for spec, src, k in zip(specs, sources, keys):
+            digest = src.sha256()
+            if digest in done:
+                log(f"skip {src.path}: already in the corpus (sha256 {digest[:12]}…)")
+                continue
+            entry, hashes = _write_source(spec, src, k, digest, vocab, options, staging, manifest, seen_hashes,
+                                          progress)
+            np.save(staging / f".cellhash-{digest[:16]}.npy", hashes)
+            seen_hashes.append(hashes)
+            manifest["sources"].append(entry)
+            _write_json_atomic(staging / "manifest.json", manifest)
+            done[digest] = entry
+            log(f"{src.path}: {entry['n_cells']:,} cells kept, {entry['n_empty_cells']:,} empty skipped; "
+                f"{entry['n_genes_out_of_vocab']:,} of {entry['n_genes_in']:,} genes not in the vocabulary "
+                f"({entry['out_of_vocab_count_fraction']:.2%} of counts)"
+                + (f", e.g. {entry['out_of_vocab_examples'][:3]}" if entry["n_genes_out_of_vocab"] else ""))
+
+    if not manifest["shards"]:
+        raise ScfmInputError("no cells were written (all inputs empty?)", where=", ".join(s.path for s in specs))
+    _write_gene_stats(staging, manifest, vocab, options)
+    manifest["n_cells"] = int(sum(s["n_cells"] for s in manifest["shards"]))
+    manifest["n_tokens"] = int(sum(s["n_tokens"] for s in manifest["shards"]))
+    manifest["complete"] = True
+    _write_json_atomic(staging / "manifest.json", manifest)
+    if staging != output:
+        os.replace(staging, output)
+    return Corpus(output)
+
+
+def _write_source(spec: InputSpec, src, keys: np.ndarray, digest: str, vocab: Vocab, options: PrepareOptions,
+                  staging: Path, manifest: dict[str, Any], seen_hashes: list[np.ndarray], progress
+                  ) -> tuple[dict[str, Any], np.ndarray]:
+    label = str(src.path)
+    cmap = _column_map(keys, vocab, options.duplicate_genes, label, list(src.var["symbol"]))
+    all_obs = src.read_obs()
+    missing = {role: col for role, col in options.columns.items() if col not in all_obs.columns}
+    if missing:
+        raise ScfmInputError(f"declared label column(s) {missing} not in obs (obs has {list(all_obs.columns)[:12]})",
+                             where=label, fix="fix the column names in columns=, or drop the roles this input lacks")
+    hashes = cell_hash(all_obs.index.astype(str))
+    for previous in seen_hashes:
+        clash = np.intersect1d(previous, hashes)
+        if len(clash):
+            examples = list(all_obs.index[np.isin(hashes, clash)][:5])
+            raise ScfmInputError(f"{len(clash)} cell ids already appear in an earlier input, e.g. {examples}",
+                                 where=label, fix="make cell ids unique across inputs (e.g. prefix them with "
+                                                  "the sample name in obs_names)")
+    writer = _ShardWriter(staging / "shards", len(manifest["shards"]), options)
+    name = spec.name or Path(label.rstrip("/")).name
+    n_kept = n_empty = 0
+    oov_counts = total_counts_all = 0
+    task = progress.add_task(f"{name}", total=src.n_cells)
+    for chunk in src.iter_chunks(options.chunk_cells):
+        X = chunk.counts
+        totals = np.asarray(X.sum(axis=1), dtype=np.int64).ravel()
+        Y = (X @ cmap.matrix).tocsr()
+        Y.eliminate_zeros()
+        Y.sort_indices()
+        n_genes = np.diff(Y.indptr)
+        total_counts_all += int(totals.sum())
+        oov_counts += int(totals.sum() - Y.data.sum(dtype=np.int64))
+        empty = n_genes == 0
+        if empty.any():
+            if options.empty_cells == "error":
+                raise ScfmInputError(f"{int(empty.sum())} cells have no counts in vocabulary genes, e.g. "
+                                     f"{list(chunk.obs.index[empty][:5])}", where=label,
+                                     fix="filter empty cells first, or pass empty_cells=skip to drop them")
+            n_empty += int(empty.sum())
+            Y = Y[~empty]
+            totals, n_genes = totals[~empty], n_genes[~empty]
+        obs_in = chunk.obs.loc[~empty] if empty.any() else chunk.obs
+        obs = pd.DataFrame({"cell_id": obs_in.index.astype(str), "source": name,
+                            "total_counts": totals, "n_genes": n_genes.astype(np.int32),
+                            "split_key": split_key(obs_in.index.astype(str))})
+        for role, col in options.columns.items():
+            obs[role] = obs_in[col].astype(str).where(obs_in[col].notna(), None).to_numpy()
+        writer.add(cmap.used_tokens[Y.indices].astype(np.int32), Y.data.astype(np.int32), n_genes, obs)
+        n_kept += len(totals)
+        progress.advance(task, len(chunk.obs))
+    writer.flush()
+    manifest["shards"].extend(writer.written)
+    entry = {"path": str(Path(label).resolve()), "name": name, "sha256": digest, "layer": spec.layer,
+             "use_raw": spec.use_raw, "n_cells_in": int(src.n_cells), "n_cells": n_kept, "n_empty_cells": n_empty,
+             "n_genes_in": len(keys), "n_genes_out_of_vocab": cmap.n_out_of_vocab,
+             "out_of_vocab_examples": cmap.oov_examples, "n_duplicate_genes": cmap.n_duplicates,
+             "duplicate_genes": options.duplicate_genes if cmap.n_duplicates else None,
+             "out_of_vocab_count_fraction": oov_counts / max(total_counts_all, 1),
+             "shards": [s["name"] for s in writer.written]}
+    return entry, hashes
+
+
+def _write_gene_stats(staging: Path, manifest: dict[str, Any], vocab: Vocab, options: PrepareOptions) -> None:
+    n_values = sum(s["n_tokens"] for s in manifest["shards"])
+    method = options.gene_stats
+    if method == "auto":
+        method = "exact" if n_values <= options.exact_max_values else "histogram"
+    acc = GeneStatsAccumulator(len(vocab), method=method)
+    manifest_complete = dict(manifest, complete=True)
+    tmp_corpus = Corpus.__new__(Corpus)
+    tmp_corpus.path, tmp_corpus.manifest, tmp_corpus._shards = staging, manifest_complete, {}
+    for i in range(len(manifest["shards"])):
+        shard = tmp_corpus.shard(i)
+        values = normalised_values(np.asarray(shard.counts), np.asarray(shard.offsets), shard.total_counts)
+        acc.update(np.asarray(shard.gene_ids), values, shard.n_cells)
+    stats = acc.result()
+    stats.insert(1, "gene_id", list(vocab.specials) + list(vocab.gene_ids))
+    stats.to_parquet(staging / "gene_stats.parquet", index=False)
+    manifest["gene_stats"] = {"file": "gene_stats.parquet", "method": method,
+                              **_file_meta(staging / "gene_stats.parquet")}

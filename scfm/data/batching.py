@@ -1,0 +1,143 @@
+"""Batching strategies: which cells go together (a plan of indices), and how they are laid out.
+
+Planning uses only cell lengths, so a resumed run can replay an epoch's plan cheaply and skip the batches
+already consumed without reading or encoding any cell.
+
+- ``random``: consecutive cells of the shuffled stream; padded to the longest cell of the batch.
+- ``length_grouped``: Geneformer's megabatches (HF ``LengthGroupedSampler``): take ``megabatch`` batches'
+  worth of cells, sort them by length descending, cut into batches; each megabatch starts with its
+  longest batch, and the epoch starts with the megabatch holding the longest cell, so an out-of-memory
+  shows at once.
+- ``packed``: whole cells concatenated into sequences of at most ``token_budget`` tokens (first-fit
+  decreasing within a window of cells), laid out with ``cu_seqlens`` / ``doc_ids`` and no padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from scfm.errors import ScfmInputError
+
+STRATEGIES = ("random", "length_grouped", "packed")
+
+
+@dataclass
+class Batching:
+    """Config group ``batching``: strategy and sizes."""
+
+    strategy: str = "random"
+    batch_size: int = 12
+    megabatch: int = 50  # length_grouped: batches per megabatch (HF's mega_batch_mult default)
+    token_budget: int | None = None  # packed: tokens per sequence (default batch_size × encoding max_len)
+    pack_window: int = 4096  # packed: cells considered together by first-fit decreasing
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ScfmInputError(f"batching.strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.batch_size < 1 or self.megabatch < 1:
+            raise ScfmInputError("batching.batch_size and batching.megabatch must be >= 1")
+
+    def budget(self, max_len: int) -> int:
+        return int(self.token_budget or self.batch_size * max_len)
+
+    def plan(self, cells: np.ndarray, lengths: np.ndarray, max_len: int) -> Iterator[np.ndarray]:
+        """Yield arrays of positions into ``cells`` (one per batch), in the order they are served."""
+        n = len(cells)
+        if self.strategy == "random":
+            for lo in range(0, n, self.batch_size):
+                if self.drop_last and lo + self.batch_size > n:
+                    return
+                yield np.arange(lo, min(lo + self.batch_size, n))
+        elif self.strategy == "length_grouped":
+            yield from self._length_grouped(lengths)
+        else:
+            yield from self._packed(lengths, self.budget(max_len))
+
+    def _length_grouped(self, lengths: np.ndarray) -> Iterator[np.ndarray]:
+        size = self.batch_size * self.megabatch
+        megas = [np.arange(lo, min(lo + size, len(lengths))) for lo in range(0, len(lengths), size)]
+        megas = [m[np.argsort(-lengths[m], kind="stable")] for m in megas]
+        if len(megas) > 1:  # serve the megabatch with the longest cell first
+            first = int(np.argmax([lengths[m[0]] for m in megas]))
+            megas.insert(0, megas.pop(first))
+        for m in megas:
+            for lo in range(0, len(m), self.batch_size):
+                if self.drop_last and lo + self.batch_size > len(m):
+                    break
+                yield m[lo:lo + self.batch_size]
+
+    def _packed(self, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+        for lo in range(0, len(lengths), self.pack_window):
+            window = np.arange(lo, min(lo + self.pack_window, len(lengths)))
+            order = window[np.argsort(-lengths[window], kind="stable")]
+            room = np.zeros(len(order), dtype=np.int64)  # at most one bin per cell
+            assign = np.empty(len(order), dtype=np.int64)
+            n_bins = 0
+            for j, need in enumerate(np.minimum(lengths[order], budget)):
+                b = int(np.argmax(room[:n_bins] >= need)) if n_bins else 0
+                if n_bins == 0 or room[b] < need:
+                    b, n_bins = n_bins, n_bins + 1
+                    room[b] = budget
+                room[b] -= need
+                assign[j] = b
+            by_bin = np.argsort(assign, kind="stable")
+            bounds = np.searchsorted(assign[by_bin], np.arange(n_bins + 1))
+            for b in range(n_bins):
+                yield np.sort(order[by_bin[bounds[b]:bounds[b + 1]]])
+
+
+def collate(encoded: dict[str, np.ndarray], strategy: str, pad_id: int = 0) -> TensorDict:
+    """Lay out a block of encoded cells (flat arrays + ``offsets``) as a padded or packed batch.
+
+    Padded: ``gene_ids`` [B, L], ``positions`` [B, L], ``padding_mask`` [B, L] (True = real token).
+    Packed: ``gene_ids`` [1, T], ``positions`` [1, T], ``doc_ids`` [1, T], ``cu_seqlens`` [B+1] int32.
+    Every per-token array of the encoding (e.g. ``values``) is laid out the same way; per-cell arrays
+    (``cell_index`` and labels, length B) are passed through.
+    """
+    offsets = encoded["offsets"]
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    total = int(offsets[-1])
+    token_keys = [k for k, v in encoded.items() if k != "offsets" and v.ndim == 1 and len(v) == total
+                  and k not in ("cell_index",)]
+    cell_keys = [k for k, v in encoded.items() if k not in token_keys and k != "offsets"]
+    positions = np.arange(total) - np.repeat(offsets[:-1], lengths)
+    out: dict[str, torch.Tensor] = {}
+    if strategy == "packed":
+        for k in token_keys:
+            out[k] = torch.from_numpy(np.ascontiguousarray(encoded[k]).astype(_dtype(encoded[k])))[None]
+        out["positions"] = torch.from_numpy(positions)[None]
+        out["doc_ids"] = torch.from_numpy(np.repeat(np.arange(n), lengths))[None]
+        out["cu_seqlens"] = torch.from_numpy(offsets.astype(np.int32))
+    else:
+        width = int(lengths.max()) if n else 0
+        rows = np.repeat(np.arange(n), lengths)
+        for k in token_keys:
+            dtype = _dtype(encoded[k])
+            grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=dtype)
+            grid[rows, positions] = encoded[k]
+            out[k] = torch.from_numpy(grid)
+        pos = np.zeros((n, width), dtype=np.int64)
+        pos[rows, positions] = positions
+        mask = np.zeros((n, width), dtype=bool)
+        mask[rows, positions] = True
+        out["positions"] = torch.from_numpy(pos)
+        out["padding_mask"] = torch.from_numpy(mask)
+    out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
+    for k in cell_keys:
+        out[k] = torch.as_tensor(encoded[k])
+    return TensorDict(out, batch_size=[])
+
+
+def _dtype(a: np.ndarray) -> type:
+    if np.issubdtype(a.dtype, np.integer):
+        return np.int64
+    if np.issubdtype(a.dtype, np.bool_):
+        return np.bool_
+    return np.float32

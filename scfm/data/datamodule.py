@@ -1,0 +1,105 @@
+"""``CellDataModule``: the LightningDataModule every scfm objective and task shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from scfm.corpus import Corpus
+from scfm.data.batching import Batching
+from scfm.data.stream import CellStream, worker_init_fn
+from scfm.errors import ScfmInputError
+
+
+class CellDataModule(L.LightningDataModule):
+    """Streams a corpus (a folder made by ``scfm-prepare``, or a built-in dataset prepared into the cache).
+
+    Args:
+        corpus: path of a prepared corpus. Exactly one of ``corpus`` / ``builtin``.
+        builtin: ``pbmc3k`` or ``synthetic`` (``builtin_params`` go to the simulator).
+        encoding: an encoding object (``scfm.encodings.*``), bound to the corpus in ``setup``.
+        batching: a ``Batching`` (or its fields as a dict).
+        val_fraction / split_column: deterministic split by cell-id hash, or by the corpus's ``split`` column.
+        num_workers: loader worker processes; each encodes its own share of cells.
+    """
+
+    def __init__(self, encoding: Any, batching: Batching | dict[str, Any] | None = None, corpus: str | None = None,
+                 builtin: str | None = None, builtin_params: dict[str, Any] | None = None,
+                 cache_dir: str | None = None, val_fraction: float = 0.1, split_column: str | None = None,
+                 num_workers: int = 0, seed: int = 0, chunk_cells: int = 256, buffer_cells: int = 8192,
+                 verify: bool = False, progress: bool = True) -> None:
+        super().__init__()
+        if (corpus is None) == (builtin is None):
+            raise ScfmInputError("give exactly one of data.corpus (a folder made by scfm-prepare) and data.builtin",
+                                 fix="e.g. data=pbmc3k, or data=corpus data.corpus=/path/to/corpus")
+        self.encoding = encoding
+        self.batching = batching if isinstance(batching, Batching) else Batching(**(batching or {}))
+        self.corpus_path, self.builtin = corpus, builtin
+        self.builtin_params = dict(builtin_params or {})
+        self.cache_dir, self.val_fraction, self.split_column = cache_dir, val_fraction, split_column
+        self.num_workers, self.seed = num_workers, seed
+        self.chunk_cells, self.buffer_cells, self.verify, self.progress = chunk_cells, buffer_cells, verify, progress
+        self.corpus: Corpus | None = None
+        self.train_set: CellStream | None = None
+        self.val_set: CellStream | None = None
+
+    def prepare_data(self) -> None:
+        if self.builtin is not None:
+            from scfm.builtin import builtin_corpus
+
+            corpus = builtin_corpus(self.builtin, self.cache_dir, self.builtin_params, progress=self.progress)
+            self.corpus_path = str(corpus.path)
+
+    def open(self) -> Corpus:
+        """Prepare (built-in data) and open the corpus; bind the encoding. Idempotent."""
+        if self.corpus is None:
+            if self.corpus_path is None or not Path(self.corpus_path).exists():
+                self.prepare_data()
+            self.corpus = Corpus(self.corpus_path, verify=self.verify)
+            self.encoding.bind(self.corpus)
+        return self.corpus
+
+    @property
+    def vocab(self):
+        return self.open().vocab
+
+    def setup(self, stage: str | None = None) -> None:
+        corpus = self.open()
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        common = dict(corpus=corpus, encoding=self.encoding, batching=self.batching, val_fraction=self.val_fraction,
+                      split_column=self.split_column, seed=self.seed, chunk_cells=self.chunk_cells,
+                      buffer_cells=self.buffer_cells, world_size=world, rank=rank)
+        self.train_set = CellStream(split="train", **common)
+        self.val_set = CellStream(split="val", **common)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle (called by ``scfm.training.DataEpoch`` at each epoch start)."""
+        if self.train_set is not None:
+            self.train_set.set_epoch(epoch)
+
+    def _loader(self, dataset: CellStream) -> StatefulDataLoader:
+        return StatefulDataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                                  worker_init_fn=worker_init_fn if self.num_workers else None,
+                                  persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> StatefulDataLoader | list:
+        if self.val_set is None:
+            self.setup("fit")
+        if self.val_fraction == 0 and self.split_column is None:
+            return []
+        return self._loader(self.val_set)
+
+
+def _as_is(batch):
+    """Batches arrive laid out already (``CellStream`` yields TensorDicts)."""
+    return batch

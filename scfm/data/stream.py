@@ -1,0 +1,173 @@
+"""``CellStream``: an ``IterableDataset`` that streams encoded, batched cells from corpus shards.
+
+Order of an epoch, a pure function of (seed, epoch, rank, worker):
+
+1. shards are cut into chunks of ``chunk_cells`` consecutive cells; training shuffles the chunk list;
+2. the cells of the split (train / val) are divided into equal contiguous shares, one per rank
+   (remainder dropped so every rank serves the same number of cells), then one per loader worker;
+3. training permutes cells within windows of ``buffer_cells`` (a shuffle buffer that keeps reads local);
+4. the batching strategy groups cells into batches from their encoded lengths alone.
+
+Because the plan needs only lengths, ``state_dict`` is just (epoch, batches served): a resumed run
+replays the plan and skips the served batches without reading them, then continues at the exact cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from scfm.corpus import Corpus
+from scfm.data.batching import Batching, collate
+from scfm.errors import ScfmInputError
+
+
+class CellStream(IterableDataset):
+    """Streams batches (``TensorDict``) of one split of a corpus; see the module docstring."""
+
+    def __init__(self, corpus: Corpus, encoding: Any, batching: Batching, split: str = "train",
+                 val_fraction: float = 0.1, split_column: str | None = None, seed: int = 0,
+                 shuffle: bool | None = None, chunk_cells: int = 256, buffer_cells: int = 8192,
+                 world_size: int = 1, rank: int = 0) -> None:
+        if split not in ("train", "val", "test"):
+            raise ScfmInputError(f"split must be train, val or test, not {split!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ScfmInputError(f"val_fraction must be in [0, 1), not {val_fraction}")
+        self.corpus, self.encoding, self.batching = corpus, encoding, batching
+        self.split, self.val_fraction, self.split_column = split, val_fraction, split_column
+        self.seed, self.shuffle = seed, (split == "train") if shuffle is None else shuffle
+        self.chunk_cells, self.buffer_cells = chunk_cells, buffer_cells
+        self.world_size, self.rank = world_size, rank
+        self.epoch = 0
+        self._served = 0  # batches served in the current epoch by this consumer
+        self._skip = 0  # batches to skip on the next iteration (set by load_state_dict)
+        self._members: dict[int, np.ndarray] = {}
+        self._lengths: dict[int, np.ndarray] = {}
+        if split_column is not None and "split" not in corpus.columns:
+            raise ScfmInputError(f"split_column={split_column!r} but the corpus has no 'split' column "
+                                 f"(its label columns: {corpus.columns})",
+                                 where=str(corpus.path), fix="prepare with columns.split=<obs column>, "
+                                                             "or leave split_column unset to split by cell id")
+
+    # -- epoch and state -------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self._served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ScfmInputError(f"resuming a stream with seed {self.seed} from a state with seed {state['seed']}",
+                                 fix="resume with the same data.seed as the checkpointed run")
+        self.epoch, self._skip = int(state["epoch"]), int(state["batches"])
+
+    # -- plan ------------------------------------------------------------------------------------
+    def members(self, shard: int) -> np.ndarray:
+        """Boolean mask of the shard's cells that belong to this split."""
+        if shard not in self._members:
+            if self.split_column is not None:
+                col = self.corpus.obs(shard, columns=["split"])["split"].astype(str).to_numpy()
+                self._members[shard] = col == self.split
+            else:
+                key = self.corpus.obs(shard, columns=["split_key"])["split_key"].to_numpy()
+                is_val = key < self.val_fraction
+                self._members[shard] = is_val if self.split == "val" else ~is_val
+        return self._members[shard]
+
+    def lengths(self, shard: int) -> np.ndarray:
+        if shard not in self._lengths:
+            self._lengths[shard] = np.asarray(self.encoding.lengths(self.corpus.shard(shard)), dtype=np.int64)
+        return self._lengths[shard]
+
+    def consumer(self) -> tuple[int, int]:
+        """(index, count) of this reader among all ranks × loader workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def cell_order(self, epoch: int, consumer: int, n_consumers: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, index-in-shard) of the cells this consumer serves in ``epoch``, in order."""
+        chunks = [(s, lo, min(lo + self.chunk_cells, n)) for s, n in enumerate(self.corpus.shard_sizes)
+                  for lo in range(0, int(n), self.chunk_cells)]
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        members = [np.nonzero(self.members(s)[lo:hi])[0] + lo for s, lo, hi in chunks]
+        counts = np.array([len(m) for m in members], dtype=np.int64)
+        total = int(counts.sum())
+        workers = n_consumers // self.world_size
+        per_rank = total // self.world_size
+        rank, worker = divmod(consumer, workers)
+        lo = rank * per_rank + worker * per_rank // workers
+        hi = rank * per_rank + (worker + 1) * per_rank // workers
+        ends = np.cumsum(counts)
+        first, last = np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi, side="left")
+        shard_ids, cells = [], []
+        for c in range(first, min(last + 1, len(chunks))):
+            start = ends[c] - counts[c]
+            part = members[c][max(lo - start, 0):max(min(hi - start, counts[c]), 0)]
+            shard_ids.append(np.full(len(part), chunks[c][0], dtype=np.int64))
+            cells.append(part)
+        shard_arr = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int64)
+        cell_arr = np.concatenate(cells) if cells else np.zeros(0, np.int64)
+        if self.shuffle:
+            wrng = np.random.default_rng([self.seed, epoch, consumer, 1])
+            for w in range(0, len(cell_arr), self.buffer_cells):
+                perm = w + wrng.permutation(min(self.buffer_cells, len(cell_arr) - w))
+                shard_arr[w:w + len(perm)], cell_arr[w:w + len(perm)] = shard_arr[perm], cell_arr[perm]
+        return shard_arr, cell_arr
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        consumer, n_consumers = self.consumer()
+        epoch, skip = self.epoch, self._skip
+        self._skip, self._served = 0, 0
+        shards, cells = self.cell_order(epoch, consumer, n_consumers)
+        lengths = np.zeros(len(cells), dtype=np.int64)
+        for s in np.unique(shards):
+            sel = shards == s
+            lengths[sel] = self.lengths(int(s))[cells[sel]]
+        base = np.concatenate([[0], np.cumsum(self.corpus.shard_sizes)])
+        for b, batch in enumerate(self.batching.plan(cells, lengths, self.encoding.max_len)):
+            if b < skip:
+                self._served = b + 1
+                continue
+            yield self.load(shards[batch], cells[batch], base, epoch)
+            self._served = b + 1
+
+    def load(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int):
+        """Read, encode and lay out the given cells (in this order)."""
+        gene_parts, count_parts, length_parts, total_parts = [], [], [], []
+        # consecutive runs of one shard keep the batch order
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        for run in np.split(np.arange(len(cells)), cuts):
+            shard = self.corpus.shard(int(shards[run[0]]))
+            idx = cells[run]
+            starts, stops = shard.offsets[idx], shard.offsets[idx + 1]
+            lens = stops - starts
+            flat = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+            gene_parts.append(shard.gene_ids[flat])
+            count_parts.append(shard.counts[flat])
+            length_parts.append(lens)
+            total_parts.append(shard.total_counts[idx])
+        lens = np.concatenate(length_parts)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        cell_index = base[shards] + cells
+        epoch_key = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        seeds = epoch_key ^ cell_index.astype(np.uint64)  # per-cell seeds for stochastic encodings
+        encoded = self.encoding.encode(np.concatenate(gene_parts), np.concatenate(count_parts), offsets,
+                                       np.concatenate(total_parts), cell_seeds=seeds)
+        encoded["cell_index"] = cell_index
+        strategy = "packed" if self.batching.strategy == "packed" else "padded"
+        return collate(encoded, strategy)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Keep each loader worker to one thread (numpy/torch), so workers do not oversubscribe cores."""
+    torch.set_num_threads(1)
