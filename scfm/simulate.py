@@ -54,6 +54,8 @@ _W_MIN, _W_SCALE = 0.2, 0.35
 _PRIMARY = (1.0, 2.0)
 _ID_DIGITS = 11
 _EXTRA_PREFIX = {"protein": ("ENSSIMP", "ADT"), "atac": ("ENSSIMR", "peak")}
+_INT_PARAMS = ("n_cells", "n_genes", "n_cell_types", "n_batches", "n_programs", "seed", "grn_edges_per_tf", "n_tfs")
+_FLOAT_PARAMS = ("mean_depth", "depth_sigma", "dispersion", "batch_effect")
 
 
 def simulate(
@@ -88,34 +90,37 @@ def simulate(
         grn_edges_per_tf, n_tfs: GRN size; each TF regulates that many distinct random targets.
         perturb: gene symbol (or id) -> expression multiplier applied to every cell (0 = knock-out);
             acts on the gene itself and, for TFs, on their targets through the GRN.
-        modality: None, ``"protein"`` (CITE-seq-like ADT counts) or ``"atac"`` (peak counts); each extra
-            feature is linked to a random gene and follows its biological expression.
+        modality: None, ``"protein"`` (CITE-seq-like ADT counts) or ``"atac"`` (peak counts, at most 4);
+            each extra feature is linked to a type-variable gene (``uns["truth"]["extra_feature_gene"]``)
+            and follows its biological expression. Gene counts are the same as without ``modality``.
         n_extra_features: number of extra features when ``modality`` is set.
 
     Returns:
-        AnnData with CSR float32 integer counts in ``X``; ``obs`` (``cell_type``, ``batch``,
-        ``total_counts`` = row sum of ``X``), ``var`` (``gene_symbol``, ``modality``, ``is_tf``) and
-        ``uns`` keys ``grn``, ``truth`` and ``simulation``.
+        AnnData with CSR float32 integer counts in ``X`` (no explicit zeros); ``obs`` (cells grouped by
+        batch; ``cell_type``, ``batch``, ``total_counts`` = row sum of ``X``), ``var`` (``gene_symbol``,
+        ``modality``, ``is_tf``) and ``uns``: ``grn`` (``tf``/``target`` var indices, ``weight``),
+        ``truth`` (programs, type mixtures, batch effects) and ``simulation`` (JSON-able parameters).
     """
-    _check_args(
-        n_cells,
-        n_genes,
-        n_cell_types,
-        n_batches,
-        n_programs,
-        seed,
-        mean_depth,
-        depth_sigma,
-        dispersion,
-        batch_effect,
-        grn_edges_per_tf,
-        n_tfs,
-        modality,
-        n_extra_features,
-    )
+    params: dict[str, Any] = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "n_cell_types": n_cell_types,
+        "n_batches": n_batches,
+        "n_programs": n_programs,
+        "seed": seed,
+        "mean_depth": mean_depth,
+        "depth_sigma": depth_sigma,
+        "dispersion": dispersion,
+        "batch_effect": batch_effect,
+        "grn_edges_per_tf": grn_edges_per_tf,
+        "n_tfs": n_tfs,
+        "modality": modality,
+        "n_extra_features": n_extra_features,
+    }
+    _check_args(params)
     n_extra = n_extra_features if modality is not None else 0
     symbols = np.array([f"SIMG{i + 1}" for i in range(n_genes)], dtype=object)
-    gene_ids = np.array([f"ENSSIM{i + 1:0{_ID_DIGITS}d}" for i in range(n_genes)], dtype=object)
+    gene_ids = np.array([f"ENSSIMG{i + 1:0{_ID_DIGITS}d}" for i in range(n_genes)], dtype=object)
     mult = _perturb_vector(perturb, symbols, gene_ids)
 
     # Independent streams (parameters, cells, count uniforms, gamma-Poisson, extra modality x3), so that
@@ -135,7 +140,7 @@ def simulate(
         x_extra = _extra_counts(model, extra, activity, cell_type, batch, rng_extra_unif, rng_extra_gp)
         x = sp.hstack([x, x_extra], format="csr")
     x.data = x.data.astype(np.float32, copy=False)
-    total = np.asarray(x.sum(axis=1)).ravel().astype(np.int64)  # exact: integer partial sums < 2**24
+    total = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel().astype(np.int64)
     n_features = n_genes + n_extra
 
     width = max(6, len(str(n_cells - 1)))
@@ -177,81 +182,47 @@ def simulate(
     if extra is not None:
         adata.uns["truth"]["extra_feature_gene"] = extra["gene"].astype(np.int64)
     adata.uns["simulation"] = {
-        "n_cells": n_cells,
-        "n_genes": n_genes,
-        "n_cell_types": n_cell_types,
-        "n_batches": n_batches,
-        "n_programs": n_programs,
-        "seed": seed,
-        "mean_depth": float(mean_depth),
-        "depth_sigma": float(depth_sigma),
-        "dispersion": float(dispersion),
-        "dispersion_parametrisation": "var = mu + dispersion * mu^2 (gamma shape 1/dispersion)",
-        "batch_effect": float(batch_effect),
-        "grn_edges_per_tf": grn_edges_per_tf,
-        "n_tfs": n_tfs,
-        "perturb": {str(k): float(v) for k, v in (perturb or {}).items()},
+        **{k: int(v) for k, v in params.items() if k in _INT_PARAMS},
+        **{k: float(v) for k, v in params.items() if k in _FLOAT_PARAMS},
         "modality": modality,
-        "n_extra_features": n_extra,
+        "n_extra_features": int(n_extra),
+        "perturb": {str(k): float(v) for k, v in (perturb or {}).items()},
+        "dispersion_parametrisation": "var = mu + dispersion * mu^2 (gamma shape 1/dispersion)",
     }
     return adata
 
 
-def _check_args(
-    n_cells: int,
-    n_genes: int,
-    n_cell_types: int,
-    n_batches: int,
-    n_programs: int,
-    seed: int,
-    mean_depth: float,
-    depth_sigma: float,
-    dispersion: float,
-    batch_effect: float,
-    grn_edges_per_tf: int,
-    n_tfs: int,
-    modality: str | None,
-    n_extra_features: int,
-) -> None:
+def _check_args(params: dict[str, Any]) -> None:
     """Raise ScfmInputError naming the first bad argument."""
-    positive = {"n_cells": n_cells, "n_genes": n_genes, "n_cell_types": n_cell_types, "n_batches": n_batches}
-    for name, value in positive.items():
-        if int(value) != value or value < 1:
+    for name in ("n_cells", "n_genes", "n_cell_types", "n_batches"):
+        value = params[name]
+        if not isinstance(value, int | np.integer) or value < 1:
             raise ScfmInputError(f"must be a positive integer, got {value!r}", where=name)
-    non_negative = {
-        "n_programs": n_programs,
-        "seed": seed,
-        "grn_edges_per_tf": grn_edges_per_tf,
-        "n_tfs": n_tfs,
-    }
-    for name, value in non_negative.items():
-        if int(value) != value or value < 0:
+    for name in ("n_programs", "seed", "grn_edges_per_tf", "n_tfs"):
+        value = params[name]
+        if not isinstance(value, int | np.integer) or value < 0:
             raise ScfmInputError(f"must be a non-negative integer, got {value!r}", where=name)
-    for name, value in {
-        "depth_sigma": depth_sigma,
-        "dispersion": dispersion,
-        "batch_effect": batch_effect,
-    }.items():
+    for name in ("depth_sigma", "dispersion", "batch_effect"):
+        value = params[name]
         if not math.isfinite(value) or value < 0:
             raise ScfmInputError(f"must be finite and >= 0, got {value!r}", where=name)
-    if not math.isfinite(mean_depth) or mean_depth <= 0:
-        raise ScfmInputError(f"must be finite and > 0, got {mean_depth!r}", where="mean_depth")
+    if not math.isfinite(params["mean_depth"]) or params["mean_depth"] <= 0:
+        raise ScfmInputError(f"must be finite and > 0, got {params['mean_depth']!r}", where="mean_depth")
+    n_genes, n_tfs, edges = params["n_genes"], params["n_tfs"], params["grn_edges_per_tf"]
     if n_tfs > n_genes:
         raise ScfmInputError(f"{n_tfs} TFs but only {n_genes} genes", where="n_tfs", fix="lower n_tfs")
-    if n_tfs and grn_edges_per_tf > n_genes - 1:
+    if n_tfs and edges > n_genes - 1:
         raise ScfmInputError(
-            f"{grn_edges_per_tf} targets per TF but only {n_genes - 1} other genes",
+            f"{edges} targets per TF but only {n_genes - 1} other genes",
             where="grn_edges_per_tf",
             fix="lower grn_edges_per_tf",
         )
+    modality = params["modality"]
     if modality not in _MODALITIES:
-        raise ScfmInputError(
-            f"unknown modality {modality!r}", where="modality", fix="use None, 'protein' or 'atac'"
-        )
-    if modality is not None and (int(n_extra_features) != n_extra_features or n_extra_features < 1):
-        raise ScfmInputError(
-            f"must be a positive integer, got {n_extra_features!r}", where="n_extra_features"
-        )
+        raise ScfmInputError(f"unknown modality {modality!r}", where="modality", fix="use None, 'protein' or 'atac'")
+    n_extra = params["n_extra_features"]
+    if modality is not None and (not isinstance(n_extra, int | np.integer) or n_extra < 1):
+        raise ScfmInputError(f"must be a positive integer, got {n_extra!r}", where="n_extra_features")
 
 
 def _perturb_vector(perturb: dict[str, float] | None, symbols: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -268,9 +239,7 @@ def _perturb_vector(perturb: dict[str, float] | None, symbols: np.ndarray, ids: 
                 fix=f"use a symbol SIMG1..SIMG{len(symbols)} or its id",
             )
         if not math.isfinite(value) or value < 0:
-            raise ScfmInputError(
-                f"multiplier for {key!r} must be finite and >= 0, got {value!r}", where="perturb"
-            )
+            raise ScfmInputError(f"multiplier for {key!r} must be finite and >= 0, got {value!r}", where="perturb")
         mult[lookup[key]] = value
     return mult
 
@@ -297,9 +266,7 @@ def _gene_parameters(
             activity[t, chosen] = rng.uniform(0.3, 1.0, k)
     type_noise = rng.normal(0.0, 0.25, (n_types, n_genes))
     batch_scale = (
-        rng.normal(0.0, batch_effect, (n_batches, n_genes))
-        if batch_effect
-        else np.zeros((n_batches, n_genes))
+        rng.normal(0.0, batch_effect, (n_batches, n_genes)) if batch_effect else np.zeros((n_batches, n_genes))
     )
     depth_shift = rng.normal(0.0, batch_effect, n_batches) if batch_effect else np.zeros(n_batches)
     return {

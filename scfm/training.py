@@ -78,3 +78,44 @@ class LossPlot(Callback):
         fig.savefig(self.path)
         plt.close(fig)
         return self.path
+
+
+class RNGState(Callback):
+    """Saves the torch / numpy / Python RNG states in checkpoints and restores them at the first batch after
+    a resume, so dropout and any other draw continue exactly as in the uninterrupted run."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+        import torch
+
+        np_state = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        import random
+
+        import numpy as np
+        import torch
+
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        random.setstate((*tuple(state["python"][:1]), tuple(state["python"][1]), *tuple(state["python"][2:])))
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), *rest))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -72,7 +72,7 @@ def test_obs_var_columns_ids_and_uns(small: anndata.AnnData) -> None:
     assert obs.index.is_unique and all(re.fullmatch(r"sim-b\d+-c\d{6}", c) for c in obs.index)
     assert [c.split("-")[1] for c in obs.index] == [b.replace("batch_", "b") for b in obs["batch"]]
     assert list(var.columns) == ["gene_symbol", "modality", "is_tf"]
-    assert var.index.is_unique and all(re.fullmatch(r"ENSSIM\d{11}", g) for g in var.index)
+    assert var.index.is_unique and all(re.fullmatch(r"ENSSIMG\d{11}", g) for g in var.index)
     assert var["gene_symbol"].is_unique and all(re.fullmatch(r"SIMG\d+", s) for s in var["gene_symbol"])
     assert (var["modality"] == "gene").all()
     assert var["is_tf"].dtype == bool and var["is_tf"].sum() == SMALL["n_tfs"]
@@ -193,9 +193,7 @@ def test_batch_effect_changes_gene_wise_means() -> None:
 
 @pytest.mark.parametrize("mean_depth", [1000.0, 8000.0])
 def test_depth_follows_mean_depth(mean_depth: float) -> None:
-    adata = simulate(
-        n_cells=3000, n_genes=500, mean_depth=mean_depth, depth_sigma=0.5, batch_effect=0.0, seed=4
-    )
+    adata = simulate(n_cells=3000, n_genes=500, mean_depth=mean_depth, depth_sigma=0.5, batch_effect=0.0, seed=4)
     total = adata.obs["total_counts"].to_numpy()
     assert abs(np.log(np.median(total) / mean_depth)) < 0.1
     assert abs(np.std(np.log(total)) - 0.5) < 0.07
@@ -221,11 +219,7 @@ def _tf_with_both_signs(adata: anndata.AnnData) -> tuple[int, np.ndarray, np.nda
         targets, weights = grn["target"][edges], grn["weight"][edges]
         expressed = means[targets] > 0.05
         pos, neg = targets[(weights > 0) & expressed], targets[(weights < 0) & expressed]
-        if (
-            len(pos)
-            and len(neg)
-            and (best is None or min(len(pos), len(neg)) > min(len(best[1]), len(best[2])))
-        ):
+        if len(pos) and len(neg) and (best is None or min(len(pos), len(neg)) > min(len(best[1]), len(best[2]))):
             best = (int(tf), pos, neg)
     assert best is not None
     return best
@@ -328,9 +322,7 @@ def test_bad_arguments_raise() -> None:
 @pytest.mark.parametrize("mean", [0.02, 0.7, 4.0, 20.0, 60.0])
 def test_sampler_matches_negative_binomial(phi: float, mean: float) -> None:
     n = 200_000
-    flat, values = _sample_nb(
-        np.full(n, mean, np.float32), phi, np.random.default_rng(1), np.random.default_rng(2)
-    )
+    flat, values = _sample_nb(np.full(n, mean, np.float32), phi, np.random.default_rng(1), np.random.default_rng(2))
     assert np.all(np.diff(flat) > 0) and values.min() >= 1
     draws = np.zeros(n, dtype=np.int64)
     draws[flat] = values.astype(np.int64)

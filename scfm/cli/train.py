@@ -37,7 +37,8 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     datamodule = instantiate(cfg.data, _partial_=True)(encoding=encoding, batching=batching)  # objects as-is
     vocab = datamodule.vocab
     model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"))
-    module = instantiate(cfg.objective, model=dataclasses.asdict(model_cfg), mask_id=vocab.special_id("<mask>"),
+    module = instantiate(cfg.objective, _convert_="all", model=dataclasses.asdict(model_cfg),
+                         mask_id=vocab.special_id("<mask>"),
                          first_gene_id=vocab.n_special)
     return datamodule, module
 
@@ -48,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
-    from scfm.training import DataEpoch, LossPlot
+    from scfm.training import DataEpoch, LossPlot, RNGState
 
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
@@ -58,12 +59,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps, save_on_train_epoch_end=True)
     plot = LossPlot(out / "loss.png")
-    callbacks = [DataEpoch(), checkpoint, plot]
+    callbacks = [DataEpoch(), RNGState(), checkpoint, plot]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out))
+    extra = {}
+    if datamodule.batching.strategy == "packed":  # the number of packs changes with each epoch's shuffle
+        extra["reload_dataloaders_every_n_epochs"] = 1
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out), **extra)
     ckpt = cfg.get("resume")
     if ckpt == "last":
         ckpt = str(out / "checkpoints" / "last.ckpt")

@@ -46,6 +46,16 @@ class Batching:
     def budget(self, max_len: int) -> int:
         return int(self.token_budget or self.batch_size * max_len)
 
+    def n_batches(self, n_cells: int) -> int:
+        """Number of batches ``plan`` yields for ``n_cells`` cells (``random`` and ``length_grouped``)."""
+        whole, rest = divmod(n_cells, self.batch_size)
+        if self.strategy == "random":
+            return whole + (rest > 0 and not self.drop_last)
+        mega = self.batch_size * self.megabatch
+        full, last = divmod(n_cells, mega)
+        tail = last // self.batch_size + (last % self.batch_size > 0 and not self.drop_last)
+        return full * self.megabatch + tail
+
     def plan(self, cells: np.ndarray, lengths: np.ndarray, max_len: int) -> Iterator[np.ndarray]:
         """Yield arrays of positions into ``cells`` (one per batch), in the order they are served."""
         n = len(cells)

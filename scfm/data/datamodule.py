@@ -76,6 +76,7 @@ class CellDataModule(L.LightningDataModule):
                       buffer_cells=self.buffer_cells, world_size=world, rank=rank)
         self.train_set = CellStream(split="train", **common)
         self.val_set = CellStream(split="val", **common)
+        self.train_set.num_workers = self.val_set.num_workers = self.num_workers
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shuffle (called by ``scfm.training.DataEpoch`` at each epoch start)."""
@@ -90,6 +91,8 @@ class CellDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         if self.train_set is None:
             self.setup("fit")
+        if self.trainer is not None:  # reloaded each epoch for packed batching: its length depends on the epoch
+            self.train_set.set_epoch(self.trainer.current_epoch)
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> StatefulDataLoader | list:

@@ -42,6 +42,7 @@ class CellStream(IterableDataset):
         self.seed, self.shuffle = seed, (split == "train") if shuffle is None else shuffle
         self.chunk_cells, self.buffer_cells = chunk_cells, buffer_cells
         self.world_size, self.rank = world_size, rank
+        self.num_workers = 0  # set by the DataModule; used only by __len__
         self.epoch = 0
         self._served = 0  # batches served in the current epoch by this consumer
         self._skip = 0  # batches to skip on the next iteration (set by load_state_dict)
@@ -122,23 +123,44 @@ class CellStream(IterableDataset):
                 shard_arr[w:w + len(perm)], cell_arr[w:w + len(perm)] = shard_arr[perm], cell_arr[perm]
         return shard_arr, cell_arr
 
-    # -- iteration -------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Any]:
-        consumer, n_consumers = self.consumer()
-        epoch, skip = self.epoch, self._skip
-        self._skip, self._served = 0, 0
+    def __len__(self) -> int:
+        """Batches this rank serves in the current epoch (all its loader workers together).
+
+        ``random`` and ``length_grouped`` depend only on cell counts; ``packed`` depends on the epoch's
+        shuffle, so its length is planned for ``self.epoch`` (lengths only, no reading).
+        """
+        workers = max(self.num_workers, 1)
+        if self.batching.strategy == "packed":
+            return sum(len(self.plan(self.epoch, self.rank * workers + w, self.world_size * workers)[2])
+                       for w in range(workers))
+        total = sum(int(self.members(s).sum()) for s in range(self.corpus.n_shards))
+        per_rank = total // self.world_size
+        shares = [(w + 1) * per_rank // workers - w * per_rank // workers for w in range(workers)]
+        return sum(self.batching.n_batches(n) for n in shares)
+
+    def plan(self, epoch: int, consumer: int, n_consumers: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(shard, index-in-shard) of the consumer's cells and the batches as positions into them."""
         shards, cells = self.cell_order(epoch, consumer, n_consumers)
         lengths = np.zeros(len(cells), dtype=np.int64)
         for s in np.unique(shards):
             sel = shards == s
             lengths[sel] = self.lengths(int(s))[cells[sel]]
+        return shards, cells, list(self.batching.plan(cells, lengths, self.encoding.max_len))
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        consumer, n_consumers = self.consumer()
+        epoch, skip = self.epoch, self._skip
+        self._skip, self._served = 0, 0
+        shards, cells, batches = self.plan(epoch, consumer, n_consumers)
         base = np.concatenate([[0], np.cumsum(self.corpus.shard_sizes)])
-        for b, batch in enumerate(self.batching.plan(cells, lengths, self.encoding.max_len)):
+        for b, batch in enumerate(batches):
             if b < skip:
                 self._served = b + 1
                 continue
-            yield self.load(shards[batch], cells[batch], base, epoch)
-            self._served = b + 1
+            loaded = self.load(shards[batch], cells[batch], base, epoch)
+            self._served = b + 1  # count before yielding: the loader snapshots state right after a yield
+            yield loaded
 
     def load(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int):
         """Read, encode and lay out the given cells (in this order)."""

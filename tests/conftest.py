@@ -1,0 +1,40 @@
+"""Shared fixtures: built-in data prepared once per session into a temporary cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session cache for built-in corpora; also exported as SCFM_CACHE for code that reads it."""
+    path = tmp_path_factory.mktemp("scfm_cache")
+    os.environ["SCFM_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pbmc_corpus(cache_dir: Path):
+    """The vendored PBMC 3k prepared into a corpus (real data, 2,700 cells)."""
+    from scfm.builtin import builtin_corpus
+
+    return builtin_corpus("pbmc3k", cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(cache_dir: Path):
+    """A small simulated corpus (3 shards) with cell types and batches."""
+    from scfm.builtin import synthetic
+    from scfm.corpus import PrepareOptions, prepare
+
+    adata = synthetic(n_cells=3000, n_genes=500, seed=1)
+    adata.uns = {}
+    h5ad = cache_dir / "synthetic_small.h5ad"
+    adata.write_h5ad(h5ad)
+    opts = PrepareOptions(columns={"cell_type": "cell_type", "batch": "batch"}, shard_cells=1200, progress=False)
+    return prepare([str(h5ad)], cache_dir / "synthetic_small", opts)

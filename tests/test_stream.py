@@ -1,0 +1,193 @@
+"""CellStream / CellDataModule: deterministic sharding, splits, batching strategies and exact resume."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from scfm.data.batching import Batching
+from scfm.data.datamodule import CellDataModule, _as_is
+from scfm.data.stream import CellStream
+from scfm.encodings.rank import RankEncoding
+from scfm.errors import ScfmInputError
+
+
+def stream(corpus, split="train", strategy="random", batch_size=12, max_len=2048, **kw):
+    enc = RankEncoding(max_len=max_len).bind(corpus)
+    return CellStream(corpus, enc, Batching(strategy=strategy, batch_size=batch_size), split=split, **kw)
+
+
+def global_ids(s: CellStream, consumer: int, n: int, epoch: int = 0) -> np.ndarray:
+    shards, cells = s.cell_order(epoch, consumer, n)
+    base = np.concatenate([[0], np.cumsum(s.corpus.shard_sizes)])
+    return base[shards] + cells
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 3)])
+def test_consumers_partition_the_split(synthetic_corpus, world, workers):
+    shares = []
+    for rank in range(world):
+        s = stream(synthetic_corpus, world_size=world, rank=rank, chunk_cells=64, buffer_cells=500)
+        rank_share = [global_ids(s, rank * workers + w, world * workers) for w in range(workers)]
+        shares.append(np.concatenate(rank_share))
+    sizes = {len(x) for x in shares}
+    assert len(sizes) == 1  # every rank serves the same number of cells
+    served = np.concatenate(shares)
+    assert len(np.unique(served)) == len(served)  # no cell twice
+    train = sum(int(stream(synthetic_corpus).members(i).sum()) for i in range(synthetic_corpus.n_shards))
+    assert train - len(served) < world  # only the remainder of an uneven split is dropped
+
+
+def test_split_is_deterministic_and_disjoint(synthetic_corpus):
+    train = stream(synthetic_corpus, val_fraction=0.2)
+    val = stream(synthetic_corpus, split="val", val_fraction=0.2)
+    t, v = global_ids(train, 0, 1), global_ids(val, 0, 1)
+    assert not set(t) & set(v)
+    assert len(t) + len(v) == synthetic_corpus.n_cells
+    assert abs(len(v) / synthetic_corpus.n_cells - 0.2) < 0.03
+    np.testing.assert_array_equal(np.sort(global_ids(stream(synthetic_corpus, split="val", val_fraction=0.2), 0, 1)),
+                                  np.sort(v))
+
+
+def test_shuffle_differs_by_epoch_and_is_reproducible(synthetic_corpus):
+    s = stream(synthetic_corpus)
+    e0, e0b, e1 = global_ids(s, 0, 1, 0), global_ids(s, 0, 1, 0), global_ids(s, 0, 1, 1)
+    np.testing.assert_array_equal(e0, e0b)
+    assert not np.array_equal(e0, e1)
+    np.testing.assert_array_equal(np.sort(e0), np.sort(e1))
+    val = stream(synthetic_corpus, split="val")
+    ids = global_ids(val, 0, 1)
+    np.testing.assert_array_equal(ids, np.sort(ids))  # validation is not shuffled
+
+
+def test_batches_are_tensordicts_with_the_padded_layout(pbmc_corpus):
+    b = next(iter(stream(pbmc_corpus)))
+    assert isinstance(b, TensorDict)
+    B, L = b["gene_ids"].shape
+    assert B == 12 and int(b["lengths"].max()) == L
+    assert torch.equal(b["padding_mask"].sum(1), b["lengths"])
+    assert (b["gene_ids"][~b["padding_mask"]] == 0).all() and (b["gene_ids"][b["padding_mask"]] >= 4).all()
+
+
+def test_batch_content_equals_encoding_of_those_cells(pbmc_corpus):
+    s = stream(pbmc_corpus, max_len=300)
+    b = next(iter(s))
+    for row, cell in enumerate(b["cell_index"].tolist()):
+        g, c = pbmc_corpus.cell(0, cell)
+        total = pbmc_corpus.shard(0).total_counts[cell]
+        expected = s.encoding.encode(g, c, np.array([0, len(g)]), np.array([total]))["gene_ids"]
+        got = b["gene_ids"][row][b["padding_mask"][row]].numpy()
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_length_grouped_sorts_megabatches_longest_first(pbmc_corpus):
+    s = stream(pbmc_corpus, strategy="length_grouped")
+    s.batching.megabatch = 10
+    batches = list(s)
+    maxima = [int(b["lengths"].max()) for b in batches]
+    assert maxima[0] == max(maxima)  # out-of-memory shows at once
+    for mega in range(0, len(batches), 10):
+        lens = torch.cat([b["lengths"] for b in batches[mega:mega + 10]]).tolist()
+        assert lens == sorted(lens, reverse=True)
+    assert sum(len(b["lengths"]) for b in batches) == len(global_ids(s, 0, 1))
+
+
+def _efficiency(batches):
+    real = sum(int(b["lengths"].sum()) for b in batches)
+    return real / sum(b["gene_ids"].numel() for b in batches)
+
+
+def test_length_grouped_pads_much_less_than_random(pbmc_corpus):
+    rand = _efficiency(list(stream(pbmc_corpus)))
+    grouped = _efficiency(list(stream(pbmc_corpus, strategy="length_grouped")))
+    assert grouped > 0.9 > rand
+
+
+def test_packed_keeps_cells_whole_and_within_budget(pbmc_corpus):
+    s = stream(pbmc_corpus, strategy="packed", max_len=512)
+    budget = 12 * 512
+    served = []
+    padded = {int(c): row for b in stream(pbmc_corpus, max_len=512)
+              for c, row in zip(b["cell_index"], b["gene_ids"].unbind(0))}
+    for b in s:
+        T = b["gene_ids"].shape[1]
+        assert budget >= T and b["cu_seqlens"][-1] == T
+        assert torch.equal(torch.diff(b["cu_seqlens"]).long(), b["lengths"])
+        for i, cell in enumerate(b["cell_index"].tolist()):
+            lo, hi = int(b["cu_seqlens"][i]), int(b["cu_seqlens"][i + 1])
+            assert (b["doc_ids"][0, lo:hi] == i).all()
+            assert torch.equal(b["positions"][0, lo:hi], torch.arange(hi - lo))
+            row = padded[cell]
+            assert torch.equal(b["gene_ids"][0, lo:hi], row[: hi - lo])
+            served.append(cell)
+    assert sorted(served) == sorted(padded)
+
+
+@pytest.mark.parametrize("strategy", ["random", "length_grouped", "packed"])
+def test_resume_mid_epoch_at_the_exact_cell(synthetic_corpus, strategy):
+    full = [b["cell_index"].tolist() for b in stream(synthetic_corpus, strategy=strategy, batch_size=8)]
+    s = stream(synthetic_corpus, strategy=strategy, batch_size=8)
+    it = iter(s)
+    first = [next(it)["cell_index"].tolist() for _ in range(7)]
+    state = s.state_dict()
+    resumed = stream(synthetic_corpus, strategy=strategy, batch_size=8)
+    resumed.load_state_dict(state)
+    rest = [b["cell_index"].tolist() for b in resumed]
+    assert first + rest == full
+
+
+def test_resume_through_stateful_dataloader_with_workers(synthetic_corpus):
+    def loader():
+        return StatefulDataLoader(stream(synthetic_corpus, batch_size=16), batch_size=None, num_workers=2,
+                                  collate_fn=_as_is)
+
+    full = [b["cell_index"].tolist() for b in loader()]
+    dl = loader()
+    it = iter(dl)
+    first = [next(it)["cell_index"].tolist() for _ in range(9)]
+    state = dl.state_dict()
+    del it, dl
+    dl2 = loader()
+    dl2.load_state_dict(state)
+    rest = [b["cell_index"].tolist() for b in dl2]
+    assert first + rest == full
+    assert sorted(functools.reduce(operator.iadd, full, [])) == sorted(set(functools.reduce(operator.iadd, full, [])))
+
+
+def test_resume_rejects_a_different_seed(synthetic_corpus):
+    state = stream(synthetic_corpus, seed=1).state_dict()
+    with pytest.raises(ScfmInputError, match="seed"):
+        stream(synthetic_corpus, seed=2).load_state_dict(state)
+
+
+def test_datamodule_needs_exactly_one_source():
+    with pytest.raises(ScfmInputError, match="exactly one"):
+        CellDataModule(RankEncoding())
+
+
+def test_datamodule_epochs_and_val(synthetic_corpus):
+    dm = CellDataModule(RankEncoding(max_len=256), {"strategy": "random", "batch_size": 32},
+                        corpus=str(synthetic_corpus.path), val_fraction=0.1)
+    dm.setup("fit")
+    e0 = [b["cell_index"] for b in dm.train_dataloader()]
+    dm.set_epoch(1)
+    e1 = [b["cell_index"] for b in dm.train_dataloader()]
+    val = torch.cat([b["cell_index"] for b in dm.val_dataloader()])
+    assert not torch.equal(e0[0], e1[0])
+    assert not set(val.tolist()) & set(torch.cat(e0).tolist())
+
+
+@pytest.mark.parametrize("strategy", ["random", "length_grouped"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_len_is_the_number_of_batches(pbmc_corpus, strategy, workers):
+    s = stream(pbmc_corpus, strategy=strategy, batch_size=7)
+    s.batching.megabatch = 5
+    s.num_workers = workers
+    dl = StatefulDataLoader(s, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    assert len(dl) == len(s) == sum(1 for _ in dl)
