@@ -74,3 +74,20 @@ def test_build_derives_vocab_size_from_the_corpus(tmp_path, cache_dir, pbmc_corp
     _dm, module = build(config(tmp_path))
     assert module.config.vocab_size == len(pbmc_corpus.vocab)
     assert module.hparams.mask_id == pbmc_corpus.vocab.special_id("<mask>")
+
+
+def test_wandb_logger_runs_offline_without_an_account(tmp_path, cache_dir, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(config(tmp_path, "logger=wandb", "trainer.max_steps=2"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].rglob("*.wandb"))
+
+
+def test_synthetic_data_trains_with_packed_batches(tmp_path, cache_dir):
+    result = train(config(tmp_path, "data=synthetic", "data.builtin_params.n_cells=600",
+                          "data.builtin_params.n_genes=300", "batching=packed", "trainer.max_steps=3"))
+    assert result["metrics"]["train/loss"] > 0
+    assert len(losses(tmp_path)) == 3

@@ -48,9 +48,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
 
     from scfm.training import DataEpoch, LossPlot, RNGState
 
+    _quiet_known_warnings()
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,11 +76,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"metrics": metrics, "checkpoint": str(out / "checkpoints" / "last.ckpt"), "loss_plot": str(plot.path),
-              "metrics_csv": str(Path(logger.log_dir) / "metrics.csv") if hasattr(logger, "log_dir") else None,
+              "metrics_csv": next((str(Path(lg.log_dir) / "metrics.csv") for lg in trainer.loggers
+                                   if isinstance(lg, CSVLogger)), None),
               "output_dir": str(out)}
     if trainer.is_global_zero:
         _report(result)
     return result
+
+
+def _quiet_known_warnings() -> None:
+    """Silence third-party deprecation chatter that says nothing about the user's run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # ours is exact
 
 
 def _report(result: dict[str, Any]) -> None:
