@@ -244,6 +244,39 @@ def split_key(cell_ids: Sequence[str] | pd.Index) -> np.ndarray:
     return (cell_hash(cell_ids) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _vocab_file(vocab: str) -> str | Path:
+    """The ``vocab`` option: a file, or a built-in Geneformer name (``geneformer_gc30M`` / ``geneformer_gc95M``)."""
+    from scfm.builtin import GENEFORMER_NAMES, geneformer_dictionary
+
+    return geneformer_dictionary(vocab, kind="tokens") if vocab in GENEFORMER_NAMES else vocab
+
+
+def _source_names(sources: Sequence, specs: Sequence[InputSpec], taken: set[str]) -> list[str]:
+    """``spec.name``, else the input's file or folder name with as many parent folders as it takes to tell the
+    inputs apart (``s1/filtered_feature_bc_matrix`` vs ``s2/filtered_feature_bc_matrix``)."""
+    parts = [Path(str(src.path)).resolve().parts for src in sources]
+    names = []
+    for spec, own in zip(specs, parts):
+        if spec.name:
+            names.append(spec.name)
+            continue
+        for k in range(1, len(own) + 1):
+            name = "/".join(own[-k:])
+            if name not in taken and all("/".join(p[-k:]) != name for p in parts if p != own):
+                break
+        names.append(name)
+    return names
+
+
+def _check_columns(src, options: PrepareOptions) -> None:
+    columns = src.read_obs().columns
+    missing = {role: col for role, col in options.columns.items() if col not in columns}
+    if missing:
+        raise ScfmInputError(f"declared label column(s) {missing} not in obs (obs has {list(columns)[:12]})",
+                             where=str(src.path),
+                             fix="fix the column names in columns=, or drop the roles this input lacks")
+
+
 def _source_keys(source, options: PrepareOptions, gene_map: dict[str, str] | None) -> np.ndarray:
     """The vocabulary key (Ensembl id or symbol) of each input column; None where unknown."""
     var = source.var
@@ -418,19 +451,29 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
             raise ScfmInputError("output path exists and is not a scfm corpus", where=str(output),
                                  fix="choose a new output folder; scfm-prepare never overwrites other files")
     staging = output if append else output.with_name(output.name + ".partial")
+    # an append keeps its progress in a side manifest: manifest.json describes the complete corpus until the end
+    work = staging / (".append-manifest.json" if append else "manifest.json")
     manifest: dict[str, Any] | None = None
-    if (staging / "manifest.json").is_file():
-        manifest = json.loads((staging / "manifest.json").read_text())
+    for file in (work, staging / "manifest.json"):
+        if file.is_file():
+            manifest = json.loads(file.read_text())
+            break
 
     sources = [open_source(s.path, layer=s.layer, use_raw=s.use_raw, gene_id_column=s.gene_id_column,
                            symbol_column=s.symbol_column) for s in specs]
     gene_map = load_gene_map(options.gene_map) if options.gene_map else None
     keys = [_source_keys(src, options, gene_map) for src in sources]
+    for src in sources:  # before anything is written, so a typo does not stick to a staging folder
+        _check_columns(src, options)
+    if manifest is not None and not append and not manifest["sources"]:
+        # a failed run that completed no input: start afresh with this run's inputs and options
+        shutil.rmtree(staging)
+        manifest = None
 
     if manifest is not None:
         vocab = Vocab.load(staging / "vocab.tsv")
     elif options.vocab:
-        vocab = Vocab.load(options.vocab)
+        vocab = Vocab.load(_vocab_file(options.vocab))
     else:
         symbols: dict[str, str | None] = {}
         for src, k in zip(sources, keys):
@@ -438,7 +481,8 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
                 if isinstance(key, str):
                     symbols.setdefault(key, sym if isinstance(sym, str) else None)
         vocab = Vocab.build(symbols.keys(), symbols)
-    if options.vocab and manifest is not None and Vocab.load(options.vocab).sha256() != manifest["vocab"]["sha256"]:
+    if options.vocab and manifest is not None and (Vocab.load(_vocab_file(options.vocab)).sha256()
+                                                   != manifest["vocab"]["sha256"]):
         raise ScfmInputError("the given vocabulary differs from the corpus's", where=str(staging),
                              fix="use the vocabulary the corpus was built with, or a new output folder")
 
@@ -451,30 +495,32 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
                     "columns": dict(options.columns)}
     elif dict(options.columns) != manifest.get("columns", {}):
         raise ScfmInputError(f"label columns {dict(options.columns)} differ from the corpus's {manifest['columns']}",
-                             where=str(staging), fix="use the same columns= as the first run, or a new output folder")
+                             where=str(staging), fix="use the same columns= as the first run, or a new output folder"
+                             + ("" if append else f" (or delete {staging} to start over)"))
     # forget shards of an interrupted source: only the manifest's shards count
     listed = {s["name"] for s in manifest["shards"]}
     for entry in (staging / "shards").iterdir():
         if entry.name.split(".")[0] not in listed:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     manifest["complete"] = False
-    _write_json_atomic(staging / "manifest.json", manifest)
+    _write_json_atomic(work, manifest)
 
     done = {s["sha256"]: s for s in manifest["sources"]}
     seen_hashes = [np.load(staging / f".cellhash-{s['sha256'][:16]}.npy") for s in manifest["sources"]
                    if (staging / f".cellhash-{s['sha256'][:16]}.npy").exists()]
+    names = _source_names(sources, specs, {s["name"] for s in manifest["sources"]})
     with _progress(options.progress) as progress:
-        for spec, src, k in zip(specs, sources, keys):
+        for spec, src, k, name in zip(specs, sources, keys, names):
             digest = src.sha256()
             if digest in done:
                 log(f"skip {src.path}: already in the corpus (sha256 {digest[:12]}…)")
                 continue
             entry, hashes = _write_source(spec, src, k, digest, vocab, options, staging, manifest, seen_hashes,
-                                          progress)
+                                          progress, name)
             np.save(staging / f".cellhash-{digest[:16]}.npy", hashes)
             seen_hashes.append(hashes)
             manifest["sources"].append(entry)
-            _write_json_atomic(staging / "manifest.json", manifest)
+            _write_json_atomic(work, manifest)
             done[digest] = entry
             log(f"{src.path}: {entry['n_cells']:,} cells kept, {entry['n_empty_cells']:,} empty skipped; "
                 f"{entry['n_genes_out_of_vocab']:,} of {entry['n_genes_in']:,} genes not in the vocabulary "
@@ -487,22 +533,22 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
     manifest["n_cells"] = int(sum(s["n_cells"] for s in manifest["shards"]))
     manifest["n_tokens"] = int(sum(s["n_tokens"] for s in manifest["shards"]))
     manifest["complete"] = True
+    os.replace(staging / "gene_stats.parquet.tmp", staging / "gene_stats.parquet")
     _write_json_atomic(staging / "manifest.json", manifest)
+    if work.name != "manifest.json":
+        work.unlink()
     if staging != output:
         os.replace(staging, output)
     return Corpus(output)
 
 
 def _write_source(spec: InputSpec, src, keys: np.ndarray, digest: str, vocab: Vocab, options: PrepareOptions,
-                  staging: Path, manifest: dict[str, Any], seen_hashes: list[np.ndarray], progress
+                  staging: Path, manifest: dict[str, Any], seen_hashes: list[np.ndarray], progress, name: str
                   ) -> tuple[dict[str, Any], np.ndarray]:
     label = str(src.path)
     cmap = _column_map(keys, vocab, options.duplicate_genes, label, list(src.var["symbol"]))
     all_obs = src.read_obs()
-    missing = {role: col for role, col in options.columns.items() if col not in all_obs.columns}
-    if missing:
-        raise ScfmInputError(f"declared label column(s) {missing} not in obs (obs has {list(all_obs.columns)[:12]})",
-                             where=label, fix="fix the column names in columns=, or drop the roles this input lacks")
+    _check_columns(src, options)
     hashes = cell_hash(all_obs.index.astype(str))
     for previous in seen_hashes:
         clash = np.intersect1d(previous, hashes)
@@ -512,7 +558,6 @@ def _write_source(spec: InputSpec, src, keys: np.ndarray, digest: str, vocab: Vo
                                  where=label, fix="make cell ids unique across inputs (e.g. prefix them with "
                                                   "the sample name in obs_names)")
     writer = _ShardWriter(staging / "shards", len(manifest["shards"]), options)
-    name = spec.name or Path(label.rstrip("/")).name
     n_kept = n_empty = 0
     oov_counts = total_counts_all = 0
     task = progress.add_task(f"{name}", total=src.n_cells)
@@ -570,6 +615,6 @@ def _write_gene_stats(staging: Path, manifest: dict[str, Any], vocab: Vocab, opt
         acc.update(np.asarray(shard.gene_ids), values, shard.n_cells)
     stats = acc.result()
     stats.insert(1, "gene_id", list(vocab.specials) + list(vocab.gene_ids))
-    stats.to_parquet(staging / "gene_stats.parquet", index=False)
+    stats.to_parquet(staging / "gene_stats.parquet.tmp", index=False)
     manifest["gene_stats"] = {"file": "gene_stats.parquet", "method": method,
-                              **_file_meta(staging / "gene_stats.parquet")}
+                              **_file_meta(staging / "gene_stats.parquet.tmp")}

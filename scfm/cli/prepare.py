@@ -33,6 +33,7 @@ def run(cfg: DictConfig) -> Any:
                        symbol_column=cfg.symbol_column) for p in inputs]
     fields = {f for f in PrepareOptions.__dataclass_fields__}
     opts = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in fields}
+    opts["columns"] = {role: col for role, col in (opts.get("columns") or {}).items() if col is not None}
     corpus = prepare(specs, cfg.output, PrepareOptions(**opts))
     if cfg.verify:
         corpus.verify()
@@ -42,14 +43,14 @@ def run(cfg: DictConfig) -> Any:
 
 @hydra.main(config_path=conf_dir(), config_name="prepare", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except ScfmInputError as e:  # Hydra's job runner reports any Exception with a traceback; SystemExit passes
+        raise SystemExit(f"scfm-prepare: {e}") from None
 
 
 def main() -> None:
-    try:
-        _main()
-    except ScfmInputError as e:
-        raise SystemExit(f"scfm-prepare: {e}") from None
+    _main()
 
 
 if __name__ == "__main__":

@@ -109,15 +109,15 @@ def _report(result: dict[str, Any]) -> None:
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> Any:
-    return train(cfg)["metrics"].get("val/loss")
+    try:
+        return train(cfg)["metrics"].get("val/loss")
+    except ScfmInputError as e:  # Hydra's job runner would print a traceback; a clear message is enough
+        raise SystemExit(f"scfm-train: {e}") from None
 
 
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
-    try:
-        _main()
-    except ScfmInputError as e:  # Hydra prints these already with a traceback; keep the message prominent
-        raise SystemExit(f"scfm-train: {e}") from None
+    _main()
 
 
 if __name__ == "__main__":
