@@ -421,7 +421,7 @@ def _progress(enabled: bool):
             super().__init__("")
 
         def render(self, task):  # type: ignore[override]
-            speed = task.finished_speed or task.speed
+            speed = task.completed / task.elapsed if task.elapsed else None
             from rich.text import Text
 
             return Text(f"{speed:,.0f} cells/s" if speed else "… cells/s", style="cyan")

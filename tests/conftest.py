@@ -10,12 +10,21 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A session cache for built-in corpora; also exported as SCFM_CACHE for code that reads it."""
+    """A session cache for built-in corpora and dictionaries, exported as SCFM_CACHE: tests never write
+    to the home cache."""
     path = tmp_path_factory.mktemp("scfm_cache")
     os.environ["SCFM_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    """The vendored PBMC 3k as an AnnData (raw counts, cell types)."""
+    from scfm.builtin import pbmc3k
+
+    return pbmc3k()
 
 
 @pytest.fixture(scope="session")

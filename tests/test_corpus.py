@@ -23,7 +23,7 @@ import scipy.io
 import scipy.sparse as sp
 
 import scfm.corpus as corpus_mod
-from scfm.builtin import geneformer_dictionary, pbmc3k
+from scfm.builtin import geneformer_dictionary
 from scfm.corpus import Corpus, InputSpec, PrepareOptions, is_corpus, prepare
 from scfm.errors import CorruptCorpusError, ScfmInputError
 
@@ -37,17 +37,6 @@ N_SUB = 300
 # ---------------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Keep scfm's cache (Geneformer dictionaries) out of the home folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCFM_CACHE", str(tmp_path_factory.mktemp("scfm_cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def pbmc() -> anndata.AnnData:
-    return pbmc3k()
 
 
 @pytest.fixture(scope="module")

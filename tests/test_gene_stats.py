@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scfm.builtin import pbmc3k
 from scfm.corpus import PrepareOptions, prepare
 from scfm.gene_stats import GeneStatsAccumulator
 from scfm.vocab import Vocab
@@ -20,16 +19,6 @@ from scfm.vocab import Vocab
 N_SPECIAL = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCFM_CACHE", str(tmp_path_factory.mktemp("scfm_cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def pbmc():
-    return pbmc3k()
 
 
 @pytest.fixture(scope="module")
