@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,24 +103,26 @@ class Batching:
                 yield np.sort(order[by_bin[bounds[b]:bounds[b + 1]]])
 
 
-def collate(encoded: dict[str, np.ndarray], strategy: str, pad_id: int = 0) -> TensorDict:
-    """Lay out a block of encoded cells (flat arrays + ``offsets``) as a padded or packed batch.
+def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDict:
+    """Lay out a block of encoded cells as a padded or packed batch.
 
-    Padded: ``gene_ids`` [B, L], ``positions`` [B, L], ``padding_mask`` [B, L] (True = real token).
-    Packed: ``gene_ids`` [1, T], ``positions`` [1, T], ``doc_ids`` [1, T], ``cu_seqlens`` [B+1] int32.
-    Every per-token array of the encoding (e.g. ``values``) is laid out the same way; per-cell arrays
-    (``cell_index`` and labels, length B) are passed through.
+    ``encoded`` holds flat per-token arrays (``gene_ids`` and any others, e.g. ``values``), their
+    ``offsets`` [B+1], and ``cell``: a dict of per-cell arrays (length B: ``cell_index``, labels, ...).
+    Padded: every per-token key becomes [B, L], plus ``positions`` [B, L] and ``padding_mask`` [B, L]
+    (True = real token). Packed: [1, T], plus ``positions`` [1, T], ``doc_ids`` [1, T], ``cu_seqlens`` [B+1]
+    int32. Per-cell arrays pass through as [B].
     """
     offsets = encoded["offsets"]
     lengths = np.diff(offsets)
     n = len(lengths)
     total = int(offsets[-1])
-    token_keys = [k for k, v in encoded.items() if k != "offsets" and v.ndim == 1 and len(v) == total
-                  and k not in ("cell_index",)]
-    cell_keys = [k for k, v in encoded.items() if k not in token_keys and k != "offsets"]
-    positions = np.arange(total) - np.repeat(offsets[:-1], lengths)
+    token_keys = [k for k in encoded if k not in ("offsets", "cell")]
+    for k in token_keys:
+        if len(encoded[k]) != total:
+            raise ValueError(f"encoding output {k!r} has {len(encoded[k])} entries for {total} tokens")
     out: dict[str, torch.Tensor] = {}
     if strategy == "packed":
+        positions = np.arange(total) - np.repeat(offsets[:-1], lengths)
         for k in token_keys:
             out[k] = torch.from_numpy(np.ascontiguousarray(encoded[k]).astype(_dtype(encoded[k])))[None]
         out["positions"] = torch.from_numpy(positions)[None]
@@ -127,21 +130,17 @@ def collate(encoded: dict[str, np.ndarray], strategy: str, pad_id: int = 0) -> T
         out["cu_seqlens"] = torch.from_numpy(offsets.astype(np.int32))
     else:
         width = int(lengths.max()) if n else 0
-        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(width)[None, :]
+        mask = cols < lengths[:, None]  # [B, L], row-major order = the cells' flat order
         for k in token_keys:
-            dtype = _dtype(encoded[k])
-            grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=dtype)
-            grid[rows, positions] = encoded[k]
+            grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=_dtype(encoded[k]))
+            grid[mask] = encoded[k]
             out[k] = torch.from_numpy(grid)
-        pos = np.zeros((n, width), dtype=np.int64)
-        pos[rows, positions] = positions
-        mask = np.zeros((n, width), dtype=bool)
-        mask[rows, positions] = True
-        out["positions"] = torch.from_numpy(pos)
+        out["positions"] = torch.from_numpy(np.where(mask, cols, 0))
         out["padding_mask"] = torch.from_numpy(mask)
     out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
-    for k in cell_keys:
-        out[k] = torch.as_tensor(encoded[k])
+    for k, v in encoded.get("cell", {}).items():
+        out[k] = torch.as_tensor(v)
     return TensorDict(out, batch_size=[])
 
 

@@ -185,7 +185,7 @@ class CellStream(IterableDataset):
         seeds = epoch_key ^ cell_index.astype(np.uint64)  # per-cell seeds for stochastic encodings
         encoded = self.encoding.encode(np.concatenate(gene_parts), np.concatenate(count_parts), offsets,
                                        np.concatenate(total_parts), cell_seeds=seeds)
-        encoded["cell_index"] = cell_index
+        encoded.setdefault("cell", {})["cell_index"] = cell_index
         strategy = "packed" if self.batching.strategy == "packed" else "padded"
         return collate(encoded, strategy)
 
