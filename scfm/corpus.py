@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from scfm.errors import CorruptCorpusError, ScfmInputError
 from scfm.gene_stats import GeneStatsAccumulator, normalised_values
-from scfm.vocab import Vocab, load_gene_map, strip_version
+from scfm.vocab import Vocab, load_gene_map, modality_of, strip_version
 
 FORMAT = "scfm-corpus"
 FORMAT_VERSION = 1
@@ -130,6 +130,8 @@ class Corpus:
     def _files(self) -> Iterator[tuple[Path, dict[str, Any]]]:
         yield self.path / "vocab.tsv", self.manifest["vocab"]
         yield self.path / "gene_stats.parquet", self.manifest["gene_stats"]
+        if "labels" in self.manifest:
+            yield self.path / "labels.json", self.manifest["labels"]
         for shard in self.manifest["shards"]:
             for name, meta in shard["files"].items():
                 yield self.path / "shards" / name, meta
@@ -160,6 +162,11 @@ class Corpus:
     @cached_property
     def gene_stats(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / "gene_stats.parquet")
+
+    @cached_property
+    def labels(self) -> dict[str, list[str]]:
+        """Per label role (cell_type, batch, ...): its values; a batch's label id indexes this list."""
+        return json.loads((self.path / "labels.json").read_text())
 
     @property
     def n_shards(self) -> int:
@@ -476,11 +483,15 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
         vocab = Vocab.load(_vocab_file(options.vocab))
     else:
         symbols: dict[str, str | None] = {}
+        modalities: dict[str, str] = {}
         for src, k in zip(sources, keys):
-            for key, sym in zip(k, src.var["symbol"]):
+            kinds = next((src.var[c] for c in ("modality", "feature_type") if c in src.var), None)
+            kinds = [None] * len(k) if kinds is None else list(kinds)
+            for key, sym, kind in zip(k, src.var["symbol"], kinds):
                 if isinstance(key, str):
                     symbols.setdefault(key, sym if isinstance(sym, str) else None)
-        vocab = Vocab.build(symbols.keys(), symbols)
+                    modalities.setdefault(key, modality_of(kind))
+        vocab = Vocab.build(symbols.keys(), symbols, modalities=modalities)
     if options.vocab and manifest is not None and (Vocab.load(_vocab_file(options.vocab)).sha256()
                                                    != manifest["vocab"]["sha256"]):
         raise ScfmInputError("the given vocabulary differs from the corpus's", where=str(staging),
@@ -530,10 +541,12 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
     if not manifest["shards"]:
         raise ScfmInputError("no cells were written (all inputs empty?)", where=", ".join(s.path for s in specs))
     _write_gene_stats(staging, manifest, vocab, options)
+    _write_labels(staging, manifest)
     manifest["n_cells"] = int(sum(s["n_cells"] for s in manifest["shards"]))
     manifest["n_tokens"] = int(sum(s["n_tokens"] for s in manifest["shards"]))
     manifest["complete"] = True
     os.replace(staging / "gene_stats.parquet.tmp", staging / "gene_stats.parquet")
+    os.replace(staging / "labels.json.tmp", staging / "labels.json")
     _write_json_atomic(staging / "manifest.json", manifest)
     if work.name != "manifest.json":
         work.unlink()
@@ -618,3 +631,16 @@ def _write_gene_stats(staging: Path, manifest: dict[str, Any], vocab: Vocab, opt
     stats.to_parquet(staging / "gene_stats.parquet.tmp", index=False)
     manifest["gene_stats"] = {"file": "gene_stats.parquet", "method": method,
                               **_file_meta(staging / "gene_stats.parquet.tmp")}
+
+
+def _write_labels(staging: Path, manifest: dict[str, Any]) -> None:
+    """``labels.json``: per label role, its sorted values; label ids in batches index these lists."""
+    roles = sorted(manifest.get("columns", {}))
+    values: dict[str, set[str]] = {role: set() for role in roles}
+    for shard in manifest["shards"]:
+        if roles:
+            obs = pd.read_parquet(staging / "shards" / f"{shard['name']}.obs.parquet", columns=roles)
+            for role in roles:
+                values[role].update(v for v in obs[role].dropna().unique())
+    (staging / "labels.json.tmp").write_text(json.dumps({r: sorted(v) for r, v in values.items()}, indent=1))
+    manifest["labels"] = {"file": "labels.json", **_file_meta(staging / "labels.json.tmp")}

@@ -18,6 +18,21 @@ import pandas as pd
 from scfm.errors import ScfmInputError
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<mask>", "<cls>", "<eos>")
+MODALITIES: tuple[str, ...] = ("gene", "protein", "peak")
+_FEATURE_TYPES = {"gene expression": "gene", "gene": "gene", "rna": "gene", "antibody capture": "protein",
+                  "protein": "protein", "adt": "protein", "peaks": "peak", "peak": "peak", "atac": "peak"}
+
+
+def modality_of(feature_type: object) -> str:
+    """Normalise a feature type (10x ``Gene Expression`` / ``Antibody Capture`` / ``Peaks``, ...) to
+    ``gene`` / ``protein`` / ``peak``; anything missing counts as ``gene``."""
+    if not isinstance(feature_type, str) or not feature_type:
+        return "gene"
+    key = feature_type.strip().lower()
+    if key not in _FEATURE_TYPES:
+        raise ScfmInputError(f"unknown feature type {feature_type!r}",
+                             fix=f"use one of {sorted(set(_FEATURE_TYPES))} in var['feature_type'/'modality']")
+    return _FEATURE_TYPES[key]
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
@@ -38,10 +53,13 @@ class Vocab:
     specials: tuple[str, ...]
     gene_ids: list[str]
     symbols: list[str | None] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=list)  # per gene: gene / protein / peak
 
     def __post_init__(self) -> None:
         if not self.symbols:
             self.symbols = [None] * len(self.gene_ids)
+        if not self.modalities:
+            self.modalities = ["gene"] * len(self.gene_ids)
         if len(self.symbols) != len(self.gene_ids):
             raise ValueError("symbols and gene_ids differ in length")
         if "<pad>" not in self.specials or self.specials[0] != "<pad>":
@@ -75,11 +93,20 @@ class Vocab:
     def gene_token_ids(self) -> np.ndarray:
         return np.arange(self.n_special, len(self), dtype=np.int64)
 
+    def modality_codes(self) -> np.ndarray:
+        """Per token id: index into ``MODALITIES`` (special tokens get 0, ``gene``)."""
+        codes = np.zeros(len(self), dtype=np.int64)
+        codes[self.n_special:] = [MODALITIES.index(m) for m in self.modalities]
+        return codes
+
     # -- io -----------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         ids = list(self.specials) + list(self.gene_ids)
         symbols = [""] * self.n_special + ["" if s is None else str(s) for s in self.symbols]
-        return pd.DataFrame({"token_id": np.arange(len(ids)), "gene_id": ids, "symbol": symbols})
+        df = pd.DataFrame({"token_id": np.arange(len(ids)), "gene_id": ids, "symbol": symbols})
+        if any(m != "gene" for m in self.modalities):  # written only for multi-modal vocabularies
+            df["modality"] = [""] * self.n_special + list(self.modalities)
+        return df
 
     def save(self, path: str | Path) -> None:
         self.to_frame().to_csv(path, sep="\t", index=False)
@@ -105,7 +132,8 @@ class Vocab:
         if not is_special.iloc[:k].all():
             raise ScfmInputError("special tokens must come first", where=str(path))
         symbols = [s or None for s in df.symbol.iloc[k:]] if "symbol" in df else []
-        return cls(tuple(df.gene_id.iloc[:k]), list(df.gene_id.iloc[k:]), symbols)
+        modalities = [m or "gene" for m in df.modality.iloc[k:]] if "modality" in df else []
+        return cls(tuple(df.gene_id.iloc[:k]), list(df.gene_id.iloc[k:]), symbols, modalities)
 
     @classmethod
     def from_token_dict(cls, token_dict: dict[str, int], source: str = "token dictionary") -> Vocab:
@@ -121,11 +149,11 @@ class Vocab:
 
     @classmethod
     def build(cls, gene_ids: Iterable[str], symbols: dict[str, str | None] | None = None,
-              specials: Sequence[str] = SPECIAL_TOKENS) -> Vocab:
-        """A vocabulary of the given genes in sorted order, after the special tokens."""
+              specials: Sequence[str] = SPECIAL_TOKENS, modalities: dict[str, str] | None = None) -> Vocab:
+        """A vocabulary of the given features in sorted order, after the special tokens."""
         ids = sorted({strip_version(g) for g in gene_ids})
-        symbols = symbols or {}
-        return cls(tuple(specials), ids, [symbols.get(g) for g in ids])
+        symbols, modalities = symbols or {}, modalities or {}
+        return cls(tuple(specials), ids, [symbols.get(g) for g in ids], [modalities.get(g, "gene") for g in ids])
 
 
 def load_gene_map(path: str | Path) -> dict[str, str]:

@@ -24,13 +24,14 @@ class CellDataModule(L.LightningDataModule):
         batching: a ``Batching`` (or its fields as a dict).
         val_fraction / split_column: deterministic split by cell-id hash, or by the corpus's ``split`` column.
         num_workers: loader worker processes; each encodes its own share of cells.
+        conditions: condition tokens to add to batches: ``cell_type``, ``batch``, ``perturbation``, ``modality``.
     """
 
     def __init__(self, encoding: Any, batching: Batching | dict[str, Any] | None = None, corpus: str | None = None,
                  builtin: str | None = None, builtin_params: dict[str, Any] | None = None,
                  cache_dir: str | None = None, val_fraction: float = 0.1, split_column: str | None = None,
                  num_workers: int = 0, seed: int = 0, chunk_cells: int = 256, buffer_cells: int = 8192,
-                 verify: bool = False, progress: bool = True) -> None:
+                 verify: bool = False, progress: bool = True, conditions: list[str] | None = None) -> None:
         super().__init__()
         if (corpus is None) == (builtin is None):
             raise ScfmInputError("give exactly one of data.corpus (a folder made by scfm-prepare) and data.builtin",
@@ -42,6 +43,7 @@ class CellDataModule(L.LightningDataModule):
         self.cache_dir, self.val_fraction, self.split_column = cache_dir, val_fraction, split_column
         self.num_workers, self.seed = num_workers, seed
         self.chunk_cells, self.buffer_cells, self.verify, self.progress = chunk_cells, buffer_cells, verify, progress
+        self.conditions = list(conditions or [])
         self.corpus: Corpus | None = None
         self.train_set: CellStream | None = None
         self.val_set: CellStream | None = None
@@ -73,7 +75,7 @@ class CellDataModule(L.LightningDataModule):
             world, rank = self.trainer.world_size, self.trainer.global_rank
         common = dict(corpus=corpus, encoding=self.encoding, batching=self.batching, val_fraction=self.val_fraction,
                       split_column=self.split_column, seed=self.seed, chunk_cells=self.chunk_cells,
-                      buffer_cells=self.buffer_cells, world_size=world, rank=rank)
+                      buffer_cells=self.buffer_cells, world_size=world, rank=rank, conditions=self.conditions)
         self.train_set = CellStream(split="train", **common)
         self.val_set = CellStream(split="val", **common)
         self.train_set.num_workers = self.val_set.num_workers = self.num_workers

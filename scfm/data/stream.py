@@ -14,10 +14,11 @@ replays the plan and skips the served batches without reading them, then continu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -25,14 +26,21 @@ from scfm.corpus import Corpus
 from scfm.data.batching import Batching, collate
 from scfm.errors import ScfmInputError
 
+CONDITIONS = ("cell_type", "batch", "perturbation", "modality")
+
 
 class CellStream(IterableDataset):
-    """Streams batches (``TensorDict``) of one split of a corpus; see the module docstring."""
+    """Streams batches (``TensorDict``) of one split of a corpus; see the module docstring.
+
+    ``conditions`` adds condition tokens: per cell ``cell_type`` / ``batch`` / ``perturbation`` label ids
+    (indices into ``corpus.labels[role]``, -1 where missing), per token ``modality`` (0 gene, 1 protein,
+    2 peak, from the vocabulary) and, with ``perturbation``, per token ``perturbed`` (the cell's target gene).
+    """
 
     def __init__(self, corpus: Corpus, encoding: Any, batching: Batching, split: str = "train",
                  val_fraction: float = 0.1, split_column: str | None = None, seed: int = 0,
                  shuffle: bool | None = None, chunk_cells: int = 256, buffer_cells: int = 8192,
-                 world_size: int = 1, rank: int = 0) -> None:
+                 world_size: int = 1, rank: int = 0, conditions: Sequence[str] = ()) -> None:
         if split not in ("train", "val", "test"):
             raise ScfmInputError(f"split must be train, val or test, not {split!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -47,12 +55,59 @@ class CellStream(IterableDataset):
         self._served = 0  # batches served in the current epoch by this consumer
         self._skip = 0  # batches to skip on the next iteration (set by load_state_dict)
         self._members: dict[int, np.ndarray] = {}
+        self.conditions = tuple(conditions)
+        self._check_conditions()
+        self._codes: dict[tuple[int, str], np.ndarray] = {}
         self._lengths: dict[int, np.ndarray] = {}
         if split_column is not None and "split" not in corpus.columns:
             raise ScfmInputError(f"split_column={split_column!r} but the corpus has no 'split' column "
                                  f"(its label columns: {corpus.columns})",
                                  where=str(corpus.path), fix="prepare with columns.split=<obs column>, "
                                                              "or leave split_column unset to split by cell id")
+
+    # -- condition tokens ------------------------------------------------------------------------
+    def _check_conditions(self) -> None:
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        if unknown:
+            raise ScfmInputError(f"unknown condition(s) {unknown}", where="data.conditions",
+                                 fix=f"choose from {list(CONDITIONS)}")
+        missing = [c for c in self.conditions if c != "modality" and c not in self.corpus.columns]
+        if missing:
+            raise ScfmInputError(f"condition(s) {missing} were not declared when the corpus was prepared "
+                                 f"(its label columns: {self.corpus.columns or 'none'})", where=str(self.corpus.path),
+                                 fix="prepare with columns.<role>=<obs column> (e.g. columns.batch=sample), "
+                                     "or drop them from data.conditions")
+        if "perturbation" in self.conditions:
+            vocab = self.corpus.vocab
+            values = self.corpus.labels["perturbation"]
+            by_id = vocab.lookup(values)
+            by_symbol = {s: i + vocab.n_special for i, s in enumerate(vocab.symbols) if s}
+            self._target_token = np.array([t if t >= 0 else by_symbol.get(v, -1) for v, t in zip(values, by_id)],
+                                          dtype=np.int64)
+
+    def label_codes(self, shard: int, role: str) -> np.ndarray:
+        """Per cell of a shard: index of its ``role`` label in ``corpus.labels[role]``; -1 where missing."""
+        if (shard, role) not in self._codes:
+            col = self.corpus.obs(shard, columns=[role])[role]
+            codes = pd.Categorical(col, categories=self.corpus.labels[role]).codes.astype(np.int64)
+            self._codes[(shard, role)] = codes
+        return self._codes[(shard, role)]
+
+    def _add_conditions(self, encoded: dict[str, Any], shards: np.ndarray, cells: np.ndarray) -> None:
+        cell = encoded.setdefault("cell", {})
+        for role in self.conditions:
+            if role == "modality":
+                encoded["modality"] = self.corpus.vocab.modality_codes()[encoded["gene_ids"]]
+                continue
+            codes = np.empty(len(cells), dtype=np.int64)
+            for s in np.unique(shards):
+                sel = shards == s
+                codes[sel] = self.label_codes(int(s), role)[cells[sel]]
+            cell[role] = codes
+            if role == "perturbation":  # per token: is this gene the cell's perturbed gene?
+                target = np.where(codes >= 0, self._target_token[np.maximum(codes, 0)], -1)
+                per_token = np.repeat(target, np.diff(encoded["offsets"]))
+                encoded["perturbed"] = (encoded["gene_ids"] == per_token) & (per_token >= 0)
 
     # -- epoch and state -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -186,6 +241,8 @@ class CellStream(IterableDataset):
         encoded = self.encoding.encode(np.concatenate(gene_parts), np.concatenate(count_parts), offsets,
                                        np.concatenate(total_parts), cell_seeds=seeds)
         encoded.setdefault("cell", {})["cell_index"] = cell_index
+        if self.conditions:
+            self._add_conditions(encoded, shards, cells)
         strategy = "packed" if self.batching.strategy == "packed" else "padded"
         return collate(encoded, strategy)
 
