@@ -191,3 +191,24 @@ def test_len_is_the_number_of_batches(pbmc_corpus, strategy, workers):
     s.num_workers = workers
     dl = StatefulDataLoader(s, batch_size=None, num_workers=workers, collate_fn=_as_is)
     assert len(dl) == len(s) == sum(1 for _ in dl)
+
+
+def test_split_by_an_obs_column(tmp_path, pbmc):
+    from scfm.corpus import PrepareOptions, prepare
+
+    sub = pbmc[:200].copy()
+    sub.obs["fold"] = np.where(np.arange(200) % 4 == 0, "val", "train")
+    sub.write_h5ad(tmp_path / "sub.h5ad")
+    corpus = prepare([str(tmp_path / "sub.h5ad")], tmp_path / "corpus",
+                     PrepareOptions(columns={"split": "fold"}, progress=False))
+    val = stream(corpus, split="val", split_column="split")
+    ids = global_ids(val, 0, 1)
+    np.testing.assert_array_equal(np.sort(ids), np.arange(0, 200, 4))
+    train = stream(corpus, split_column="split")
+    assert len(global_ids(train, 0, 1)) == 150
+    assert stream(corpus, split="test", split_column="split").members(0).sum() == 0
+
+
+def test_split_column_needs_a_declared_split(pbmc_corpus):
+    with pytest.raises(ScfmInputError, match=r"columns\.split"):
+        stream(pbmc_corpus, split_column="split")
