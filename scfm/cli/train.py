@@ -98,13 +98,14 @@ def _report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="scfm-train finished", show_header=False)
-    for key in ("checkpoint", "metrics_csv", "loss_plot"):
-        if result.get(key):
-            table.add_row(key, result[key])
     for key in sorted(result["metrics"]):
         if key.startswith(("val/", "train/loss")):
             table.add_row(key, f"{result['metrics'][key]:.4f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for key in ("checkpoint", "metrics_csv", "loss_plot"):  # full paths, never truncated
+        if result.get(key):
+            console.print(f"{key:>12}: {result[key]}", soft_wrap=True)
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")

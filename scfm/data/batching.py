@@ -132,9 +132,13 @@ def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDi
         width = int(lengths.max()) if n else 0
         cols = np.arange(width)[None, :]
         mask = cols < lengths[:, None]  # [B, L], row-major order = the cells' flat order
+        full = n > 0 and bool((lengths == width).all())  # e.g. encoding=continuous: nothing to pad
         for k in token_keys:
-            grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=_dtype(encoded[k]))
-            grid[mask] = encoded[k]
+            if full:
+                grid = np.ascontiguousarray(encoded[k], dtype=_dtype(encoded[k])).reshape(n, width)
+            else:
+                grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=_dtype(encoded[k]))
+                grid[mask] = encoded[k]
             out[k] = torch.from_numpy(grid)
         out["positions"] = torch.from_numpy(np.where(mask, cols, 0))
         out["padding_mask"] = torch.from_numpy(mask)
