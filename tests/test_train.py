@@ -91,3 +91,20 @@ def test_synthetic_data_trains_with_packed_batches(tmp_path, cache_dir):
                           "data.builtin_params.n_genes=300", "batching=packed", "trainer.max_steps=3"))
     assert result["metrics"]["train/loss"] > 0
     assert len(losses(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("encoding", ["rank", "rank_v2", "continuous"])
+@pytest.mark.parametrize("batching", ["random", "packed"])
+def test_every_encoding_composes_into_batches(tmp_path, encoding, batching):
+    from scfm.cli.train import build_datamodule
+
+    with initialize_config_dir(conf_dir(), version_base="1.3"):  # the default config: no demo max_len override
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", f"encoding={encoding}",
+                                          f"batching={batching}", "batching.batch_size=4",
+                                          "data.conditions=[cell_type]"])
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    assert b["gene_ids"].dtype == torch.int64 and b["cell_type"].shape == b["lengths"].shape
+    if encoding == "continuous":
+        assert {"values", "target_values", "value_mask", "encoder_mask", "token_kind"} <= set(b.keys())

@@ -27,14 +27,23 @@ def validate(cfg: DictConfig) -> None:
                              where="config groups objective + encoding", fix="use encoding=rank or rank_v2")
 
 
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The DataModule of a composed config (groups data + encoding + batching), its corpus opened."""
+    from hydra.utils import instantiate
+
+    encoding = instantiate(cfg.encoding)
+    batching = instantiate(cfg.batching)
+    datamodule = instantiate(cfg.data, _partial_=True)(encoding=encoding, batching=batching)  # objects as-is
+    datamodule.open()
+    return datamodule
+
+
 def build(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate (datamodule, lightning module) from a composed config; prepares built-in data if needed."""
     from hydra.utils import instantiate
 
     validate(cfg)
-    encoding = instantiate(cfg.encoding)
-    batching = instantiate(cfg.batching)
-    datamodule = instantiate(cfg.data, _partial_=True)(encoding=encoding, batching=batching)  # objects as-is
+    datamodule = build_datamodule(cfg)
     vocab = datamodule.vocab
     model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"))
     module = instantiate(cfg.objective, _convert_="all", model=dataclasses.asdict(model_cfg),
