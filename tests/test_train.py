@@ -93,7 +93,7 @@ def test_synthetic_data_trains_with_packed_batches(tmp_path, cache_dir):
     assert len(losses(tmp_path)) == 3
 
 
-@pytest.mark.parametrize("encoding", ["rank", "rank_v2", "continuous"])
+@pytest.mark.parametrize("encoding", ["rank", "rank_v2", "continuous", "bin"])
 @pytest.mark.parametrize("batching", ["random", "packed"])
 def test_every_encoding_composes_into_batches(tmp_path, encoding, batching):
     from scfm.cli.train import build_datamodule
@@ -108,3 +108,5 @@ def test_every_encoding_composes_into_batches(tmp_path, encoding, batching):
     assert b["gene_ids"].dtype == torch.int64 and b["cell_type"].shape == b["lengths"].shape
     if encoding == "continuous":
         assert {"values", "target_values", "value_mask", "encoder_mask", "token_kind"} <= set(b.keys())
+    if encoding == "bin":
+        assert {"values", "values_bin"} <= set(b.keys()) and int(b["values_bin"].max()) <= 50

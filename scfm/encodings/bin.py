@@ -1,0 +1,415 @@
+"""scGPT's value binning (Cui et al. 2024; ``scgpt/preprocess.py`` ``binning`` / ``_digitize``,
+``scgpt/tokenizer/gene_tokenizer.py`` ``tokenize_and_pad_batch``).
+
+Per cell, in this order:
+
+1. **Normalise**: ``value = log1p(count × target_sum / normaliser)``; the product is formed in float64 and
+   rounded once to float32 (scGPT's AnnData is float32), ``log1p`` is float32. ``normaliser`` is the cell's
+   in-vocabulary count sum (``normalize_by='vocab'``: scGPT normalises the genes it kept) or the corpus's
+   total over all input genes (``'all_genes'``).
+2. **Bin the whole cell** (scGPT bins in preprocessing, *before* genes are sampled): edges =
+   ``np.quantile(non-zero values, np.linspace(0, 1, n_bins - 1))``; ``left = np.digitize(x, edges)``,
+   ``right = np.digitize(x, edges, right=True)``; ``bin = ceil(u × (right − left) + left)`` with ``u`` uniform
+   in [0, 1) (``_digitize(side="both")``). A value that sits on k ≥ 2 equal edges (ties: most non-zeros of
+   low-count cells) gets a uniform bin among k; otherwise ``bin = left``. Non-zeros land in 1 … n_bins−1,
+   zeros in 0. For two values a < b of one cell, bin(a) ≤ bin(b) always: only *equal* values can be
+   scattered over several bins.
+3. **Candidates**: the cell's non-zero genes, or (``include_zero_genes``) every gene token of the vocabulary
+   (zeros: value 0, bin 0). When there are more than ``max_len − 1`` (the ``<cls>`` slot), that many are
+   sampled without replacement. scfm keeps them in **ascending token order** (scGPT keeps
+   ``np.random.choice``'s random order; its model has no positions, so only the set matters).
+4. ``<cls>`` first, with value ``cls_value`` and bin 0 (scGPT inserts value 0).
+
+Randomness (exact resume): all of a cell's randomness comes from ``rng = np.random.default_rng(cell_seed)``,
+drawn in this order: ``u = rng.random(n_nonzero)`` (one per non-zero gene, ascending token order, as scGPT's
+``np.random.rand(len(x))``), then, only when sampling, ``np.sort(rng.choice(n_candidates, max_len − 1,
+replace=False))`` (indices into the candidates in ascending token order). Without ``cell_seeds`` every cell
+uses seed 0. Cells that need no draw (no tie over several edges, nothing to sample) skip the generator.
+
+Input genes may come in any order within a cell (they are sorted by token id first); explicit zero counts
+are dropped; a duplicated gene in a cell or a negative count is an error.
+
+Implementation, vectorised over the block: counts are integers and the value is monotone in the count, so
+runs of equal values come from a dense (cell, count) histogram and tokens are never sorted. numpy's
+``quantile`` is repeated for each cell's n_bins − 1 edges with the same float64 operations (its rounding
+artifacts included); an edge lies between two neighbouring order statistics a <= edge <= b and is compared
+with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The generators are
+``np.random.default_rng(seed)``'s streams, made about 4x cheaper: all seeds are hashed at once (numpy's
+SeedSequence, vectorised) and one PCG64 gets each cell's state. Only the per-cell draws are a Python loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from scfm.errors import ScfmInputError
+
+NORMALIZE_BY = ("vocab", "all_genes")
+
+
+def canonical_cells(gene_ids: np.ndarray, counts: np.ndarray,
+                    offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop zero counts and put each cell's genes in ascending token order (no copy if already so)."""
+    gene_ids, counts = np.asarray(gene_ids), np.asarray(counts)
+    offsets = np.asarray(offsets).astype(np.int64, copy=False)
+    n_cells = len(offsets) - 1
+    if len(gene_ids) != len(counts) or offsets[0] != 0 or offsets[-1] != len(gene_ids):
+        raise ValueError("gene_ids, counts and offsets do not describe the same cells")
+    if not np.issubdtype(counts.dtype, np.integer):
+        if not (np.isfinite(counts).all() and (counts == np.round(counts)).all()):
+            raise ScfmInputError("encoding=bin needs raw integer counts (got NaN, infinite or fractional values)",
+                                 fix="prepare the corpus from raw counts (a scfm corpus holds them)")
+        counts = counts.astype(np.int64)
+    if len(counts) and counts.min() <= 0:
+        if counts.min() < 0:
+            raise ScfmInputError("negative counts given to encoding=bin",
+                                 fix="encode raw, non-negative counts (a scfm corpus holds them)")
+        cell = np.repeat(np.arange(n_cells), np.diff(offsets))
+        keep = counts > 0
+        gene_ids, counts, cell = gene_ids[keep], counts[keep], cell[keep]
+        offsets = np.zeros(n_cells + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cell, minlength=n_cells), out=offsets[1:])
+    total = len(gene_ids)
+    if total > 1:
+        unordered = np.diff(gene_ids) <= 0
+        cuts = offsets[1:-1]
+        unordered[cuts[(cuts > 0) & (cuts < total)] - 1] = False  # cell boundaries may step down
+        if unordered.any():
+            cell = np.repeat(np.arange(n_cells), np.diff(offsets))
+            order = np.lexsort((gene_ids, cell))
+            gene_ids, counts = gene_ids[order], counts[order]
+            dup = (np.diff(gene_ids) == 0) & (cell[1:] == cell[:-1])
+            if dup.any():
+                c = int(cell[1:][dup][0])
+                raise ScfmInputError(f"cell {c} of the block lists gene token {int(gene_ids[1:][dup][0])} twice",
+                                     fix="give each gene once per cell (sum duplicated columns when preparing)")
+    return gene_ids, counts, offsets
+
+
+def normalised_value(counts: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``log1p(float32(count × scale))`` (float32); ``scale = target_sum / normaliser`` (float64)."""
+    return np.log1p((counts * scale).astype(np.float32))
+
+
+@lru_cache(maxsize=8)
+def _quantiles(n_bins: int) -> np.ndarray:
+    return np.linspace(0, 1, n_bins - 1)
+
+
+def _runs(counts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``np.unique`` of the (cell, count) pairs: (run_cell, run_count, run_size, token_run), cell-major and
+    counts ascending. Counts below a cap go through a dense (cell, count) histogram (no sort); the few above
+    it are sorted."""
+    n_cells = len(lens)
+    cap = int(min(int(counts.max()) + 1, max((2 * len(counts) + 4096) // n_cells, 2)))
+    base = np.repeat(np.arange(n_cells, dtype=np.int64) * cap, lens)
+    small = counts < cap
+    if small.all():
+        bins = base + counts
+        hist = np.bincount(bins, minlength=n_cells * cap)
+        occupied = np.flatnonzero(hist)
+        rank = np.zeros(n_cells * cap, dtype=np.int64)
+        rank[occupied] = np.arange(len(occupied))
+        return occupied // cap, occupied % cap, hist[occupied], rank[bins]
+    bins = base[small] + counts[small]
+    hist = np.bincount(bins, minlength=n_cells * cap)
+    occupied = np.flatnonzero(hist)
+    rank = np.zeros(n_cells * cap, dtype=np.int64)
+    rank[occupied] = np.arange(len(occupied))
+    big_keys, big_inverse, big_size = np.unique(((base[~small] // cap) << np.int64(32)) | counts[~small],
+                                                return_inverse=True, return_counts=True)
+    keys = np.concatenate([((occupied // cap) << np.int64(32)) | (occupied % cap), big_keys])
+    order = np.argsort(keys)  # runs only: few
+    position = np.empty(len(keys), dtype=np.int64)
+    position[order] = np.arange(len(keys))
+    token_run = np.empty(len(counts), dtype=np.int64)
+    token_run[small] = position[rank[bins]]
+    token_run[~small] = position[len(occupied) + big_inverse]
+    keys = keys[order]
+    return keys >> np.int64(32), keys & np.int64(0xFFFFFFFF), np.concatenate([hist[occupied], big_size])[order], \
+        token_run
+
+
+def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins: int):
+    """scGPT's binning of a block of cells, per run of equal values (see ``bin_bounds``).
+
+    Returns ``token_run`` (the run of each token) and, per run (cell-major, values ascending), ``run_cell``,
+    ``run_value``, ``left`` and ``right``.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lens = np.diff(offsets)
+    if offsets[-1] == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0, np.float32), empty, empty
+    run_cell, run_count, run_size, token_run = _runs(np.asarray(counts).astype(np.int64, copy=False), lens)
+    run_value = normalised_value(run_count, np.asarray(scale, dtype=np.float64)[run_cell])
+    same = (run_cell[1:] == run_cell[:-1]) & (run_value[1:] == run_value[:-1])
+    if same.any():  # distinct counts, one float32 value (only at absurd depths): merge the runs
+        first = np.concatenate([[True], ~same])
+        token_run = (np.cumsum(first) - 1)[token_run]
+        run_size = np.add.reduceat(run_size, np.flatnonzero(first))
+        run_cell, run_value = run_cell[first], run_value[first]
+    n_runs = len(run_cell)
+    run_end = np.cumsum(run_size)  # positions in the cell-major sorted order
+    # numpy's quantile, method 'linear': virtual index (n-1)·q, neighbours, gamma, _lerp (float64)
+    filled = lens > 0
+    n_edges = n_bins - 1
+    last = (lens[filled] - 1)[:, None]
+    virtual = last * _quantiles(n_bins)
+    above = virtual >= last
+    prev = np.floor(virtual)
+    gamma = virtual - np.where(above, -1.0, prev)  # numpy's previous index is -1 there (a == b: no effect)
+    lo = np.where(above, last, prev).astype(np.int64)
+    lo += offsets[:-1][filled][:, None]
+    run_lo = np.searchsorted(run_end, lo, side="right")
+    run_hi = np.searchsorted(run_end, lo + ~above, side="right")
+    a, b = run_value[run_lo], run_value[run_hi]
+    diff = b - a  # float32, as numpy
+    edges = a + diff * gamma
+    np.subtract(b, diff * (1 - gamma), out=edges, where=gamma >= 0.5)
+    # an edge lies in [a, b]: compare it with those two values only. ``below``: the run starting at
+    # #values < edge, ``upto``: at #values <= edge (strictly between a and b: both are the run of b)
+    at_a = edges == a
+    below = np.where(at_a, run_lo, run_hi)
+    upto = np.where(at_a, run_lo + 1, run_hi + (edges == b))
+    # left(run) = #{edges <= value} = #{below <= run}; right(run) = #{edges < value} = #{upto <= run}
+    earlier = (run_cell if filled.all() else (np.cumsum(filled) - 1)[run_cell]) * n_edges  # earlier cells' edges
+    left = np.cumsum(np.bincount(below.ravel(), minlength=n_runs + 1)[:n_runs]) - earlier
+    right = np.cumsum(np.bincount(upto.ravel(), minlength=n_runs + 1)[:n_runs]) - earlier
+    return token_run, run_cell, run_value, left, right
+
+
+def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
+               n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scGPT's normalised values and digitize bounds for a block of cells (non-zero integer counts).
+
+    Per token: ``values = normalised_value(count, scale[cell])``, ``left = np.digitize(values, edges)`` and
+    ``right = np.digitize(values, edges, right=True)`` where, per cell, ``edges = np.quantile(cell_values,
+    np.linspace(0, 1, n_bins - 1))``. numpy's float64 arithmetic is repeated exactly, rounding artifacts
+    included (e.g. ``(n-1)·q = 4.999…`` where the exact index is 5 puts the edge just below a value).
+    Runs of equal values come from a (cell, count) histogram, so the tokens are never sorted.
+    """
+    token_run, _, run_value, left, right = bin_runs(counts, offsets, scale, n_bins)
+    return run_value[token_run], left[token_run], right[token_run]
+
+
+# --- one np.random.default_rng(seed) per cell, fast -----------------------------------------------------
+_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645  # PCG_DEFAULT_MULTIPLIER_128
+_MASK128 = (1 << 128) - 1
+
+
+def _hash_constants(init: int, mult: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """SeedSequence's running hash constant: the value XORed in by call j, and the one multiplied in."""
+    seq = [init]
+    for _ in range(n):
+        seq.append(seq[-1] * mult & 0xFFFFFFFF)
+    return np.array(seq[:-1], dtype=np.uint32)[:, None], np.array(seq[1:], dtype=np.uint32)[:, None]
+
+
+_XOR_A, _MUL_A = _hash_constants(0x43B0D7E5, 0x931E8875, 16)  # mix_entropy: 4 + 4·3 hashmix calls
+_XOR_B, _MUL_B = _hash_constants(0x8B51F9DD, 0x58F38DED, 8)  # generate_state: 8 uint32 words
+
+
+_SHIFT = np.uint32(16)
+_MIX_L, _MIX_R = np.uint32(0xCA01F9DD), np.uint32(0x4973F715)
+_OTHERS = [np.array([d for d in range(4) if d != src]) for src in range(4)]
+
+
+def _hashmix(value: np.ndarray, xor: np.ndarray, mul: np.ndarray) -> np.ndarray:
+    value = (value ^ xor) * mul
+    return value ^ (value >> _SHIFT)
+
+
+def seed_words(seeds: np.ndarray) -> np.ndarray:
+    """``np.random.SeedSequence(seed).generate_state(4, np.uint64)`` for many uint64 seeds: [4, n] uint64.
+
+    numpy's SeedSequence (pool of 4 uint32 words, ``mix_entropy`` then ``generate_state``), vectorised
+    over seeds in wrapping uint32 arithmetic. A seed below 2**32 is one entropy word, which mixes like two
+    words with a zero high word.
+    """
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    entropy = np.zeros((4, len(seeds)), dtype=np.uint32)
+    entropy[0] = seeds & np.uint64(0xFFFFFFFF)
+    entropy[1] = seeds >> np.uint64(32)
+    pool = _hashmix(entropy, _XOR_A[:4], _MUL_A[:4])
+    for src, dst in enumerate(_OTHERS):  # the 3 destinations of one source use consecutive hash constants
+        hashed = _hashmix(pool[src], _XOR_A[4 + 3 * src:7 + 3 * src], _MUL_A[4 + 3 * src:7 + 3 * src])
+        mixed = _MIX_L * pool[dst] - _MIX_R * hashed
+        pool[dst] = mixed ^ (mixed >> _SHIFT)
+    words = _hashmix(np.concatenate([pool, pool]), _XOR_B, _MUL_B).astype(np.uint64)
+    return words[0::2] | (words[1::2] << np.uint64(32))
+
+
+class CellStreams:
+    """``streams(i)`` is in the state of ``np.random.default_rng(seeds[i])``, about 4x cheaper to make.
+
+    The SeedSequence hashing is vectorised (``seed_words``) and PCG64 is seeded as numpy does
+    (``pcg64_set_seed``: state 0, inc = 2·seq + 1, step, state += seed, step). One Generator is reused:
+    a stream is valid until the next call.
+    """
+
+    def __init__(self, seeds: np.ndarray) -> None:
+        self.words = seed_words(seeds).tolist()
+        self.bit_generator = np.random.PCG64(0)
+        self.generator = np.random.Generator(self.bit_generator)
+
+    def __call__(self, i: int) -> np.random.Generator:
+        w0, w1, w2, w3 = (w[i] for w in self.words)
+        inc = ((w2 << 65) | (w3 << 1) | 1) & _MASK128
+        state = ((inc + ((w0 << 64) | w1)) * _PCG_MULT + inc) & _MASK128
+        self.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
+                                    "has_uint32": 0, "uinteger": 0}
+        return self.generator
+
+
+@dataclass
+class BinEncoding:
+    """Encoding ``bin`` (scGPT): ``<cls>`` + genes with ``values_bin`` (0 … n_bins−1) and ``values`` (log1p)."""
+
+    n_bins: int = 51
+    max_len: int = 1200
+    target_sum: float = 1e4
+    normalize_by: str = "vocab"
+    include_zero_genes: bool = False
+    append_cls: bool = True
+    cls_value: float = 0.0
+    name: str = field(default="bin", init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_bins < 2:
+            raise ScfmInputError(f"encoding.n_bins={self.n_bins}: need >= 2 (bin 0 is for zeros)")
+        if self.max_len < 1 + self.append_cls:
+            raise ScfmInputError(f"encoding.max_len={self.max_len} is too small")
+        if self.normalize_by not in NORMALIZE_BY:
+            raise ScfmInputError(f"encoding.normalize_by must be one of {NORMALIZE_BY}, not {self.normalize_by!r}")
+        self.target_sum = float(self.target_sum)
+        if not self.target_sum > 0:
+            raise ScfmInputError(f"encoding.target_sum={self.target_sum} must be > 0")
+        self.cls_id: int | None = None
+        self.gene_tokens: np.ndarray | None = None
+        self.vocab_size = 0
+
+    @property
+    def max_genes(self) -> int:
+        return self.max_len - int(self.append_cls)
+
+    def bind(self, corpus) -> BinEncoding:
+        """Read the vocabulary: the ``<cls>`` id and the gene tokens (the candidates of ``include_zero_genes``)."""
+        vocab = corpus.vocab
+        if self.append_cls:
+            if "<cls>" not in vocab.specials:
+                raise ScfmInputError(f"encoding=bin puts <cls> first but the vocabulary has no <cls> token "
+                                     f"(its special tokens: {list(vocab.specials)})",
+                                     fix="prepare the corpus with scfm's own vocabulary (it has <cls>) or one "
+                                         "with <cls> (e.g. geneformer_gc95M), or set encoding.append_cls=false")
+            self.cls_id = vocab.special_id("<cls>")
+        self.gene_tokens = vocab.gene_token_ids()
+        self.vocab_size = len(vocab)
+        return self
+
+    def _candidates(self, n_nonzero: np.ndarray) -> np.ndarray:
+        if self.include_zero_genes:
+            return np.full(len(n_nonzero), len(self.gene_tokens), dtype=np.int64)
+        return n_nonzero
+
+    def lengths(self, shard) -> np.ndarray:
+        """Encoded length of every cell of a shard (no binning)."""
+        self._check_bound()
+        nonzero = np.concatenate([[0], np.cumsum(np.asarray(shard.counts) > 0)])
+        offsets = np.asarray(shard.offsets)
+        n = self._candidates(nonzero[offsets[1:]] - nonzero[offsets[:-1]])
+        return np.minimum(n, self.max_genes) + int(self.append_cls)
+
+    def _check_bound(self) -> None:
+        if self.gene_tokens is None:
+            raise RuntimeError("BinEncoding.bind(corpus) must be called before encoding")
+
+    def encode(self, gene_ids: np.ndarray, counts: np.ndarray, offsets: np.ndarray, totals: np.ndarray,
+               cell_seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Encode a block of cells; returns flat ``gene_ids``, ``values_bin``, ``values`` and their ``offsets``."""
+        self._check_bound()
+        gene_ids, counts, offsets = canonical_cells(gene_ids, counts, offsets)
+        n_cells = len(offsets) - 1
+        lens = np.diff(offsets)
+        if self.normalize_by == "vocab":
+            normaliser = np.zeros(n_cells, dtype=np.int64)
+            if len(counts):
+                normaliser[lens > 0] = np.add.reduceat(counts, offsets[:-1][lens > 0], dtype=np.int64)
+        else:
+            normaliser = np.asarray(totals, dtype=np.float64)
+        if ((normaliser <= 0) & (lens > 0)).any():
+            raise ScfmInputError("a cell has non-zero counts but a total <= 0",
+                                 fix="check the corpus's total_counts, or use encoding.normalize_by=vocab")
+        scale = np.divide(self.target_sum, normaliser, out=np.zeros(n_cells), where=lens > 0)
+        token_run, run_cell, run_value, run_left, run_right = bin_runs(counts, offsets, scale, self.n_bins)
+        run_spread = run_right - run_left  # <= 0; below -1 the value sits on several edges: a random bin
+        candidates = self._candidates(lens)
+        room = self.max_genes
+        sampled = candidates > room
+        draws = sampled.copy()
+        draws[run_cell[run_spread <= -2]] = True
+        draw_cells = np.flatnonzero(draws)
+        seeds = np.zeros(n_cells, dtype=np.uint64) if cell_seeds is None else np.asarray(cell_seeds, np.uint64)
+        streams = CellStreams(seeds[draw_cells])
+        u = np.zeros(len(token_run))
+        picks: dict[int, np.ndarray] = {}
+        for i, c in enumerate(draw_cells.tolist()):
+            rng = streams(i)  # = np.random.default_rng(seeds[c])
+            rng.random(out=u[offsets[c]:offsets[c + 1]])  # first: one draw per non-zero gene, token order
+            if sampled[c]:  # then: the kept candidates
+                picks[c] = np.sort(rng.choice(int(candidates[c]), room, replace=False, shuffle=False))
+        values = run_value[token_run]
+        # scGPT's _digitize(side="both"): ceil(u·(right − left) + left), = left where untied
+        bins = np.ceil(u * run_spread[token_run] + run_left[token_run]).astype(np.int64)
+        kept = np.minimum(candidates, room)
+        if self.include_zero_genes:
+            parts = self._with_zero_genes(gene_ids, values, bins, lens, kept, picks)
+            src, picks = np.concatenate([[0], np.cumsum(kept)]).tolist(), {}
+        else:
+            parts, src = (gene_ids, bins, values), offsets.tolist()
+        head = int(self.append_cls)
+        out_offsets = np.zeros(n_cells + 1, dtype=np.int64)
+        np.cumsum(kept + head, out=out_offsets[1:])
+        dst = out_offsets.tolist()
+        out = {"offsets": out_offsets}
+        layout = (("gene_ids", self.cls_id, np.int64), ("values_bin", 0, np.int64),
+                  ("values", self.cls_value, np.float32))
+        for (key, cls, dtype), part in zip(layout, parts):
+            target = out[key] = np.empty(dst[-1], dtype=dtype)
+            if head:
+                target[out_offsets[:-1]] = cls
+            for c in range(n_cells):  # per-cell slice copies: faster than one scatter
+                chosen = part[src[c]:src[c + 1]] if c not in picks else part[src[c] + picks[c]]
+                target[dst[c] + head:dst[c + 1]] = chosen
+        return out
+
+    def _with_zero_genes(self, gene_ids, values, bins, lens, kept, picks):
+        """Candidates = every gene token (a contiguous range after the specials); the chosen ones, in order,
+        with the value and bin of the cell's non-zero genes among them."""
+        n_cells, n_genes = len(lens), len(self.gene_tokens)
+        if picks:
+            every = np.arange(n_genes)
+            chosen = np.concatenate([picks.get(c, every) for c in range(n_cells)]) if n_cells else every[:0]
+        else:
+            chosen = np.tile(np.arange(n_genes), n_cells)
+        first = int(self.gene_tokens[0]) if n_genes else 0
+        vals, bns = np.zeros(len(chosen), dtype=np.float32), np.zeros(len(chosen), dtype=np.int64)
+        index = gene_ids - first
+        inside = (index >= 0) & (index < n_genes)
+        chosen_at = np.concatenate([[0], np.cumsum(kept)]).tolist()
+        token_at = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        step = max(1, (1 << 22) // max(n_genes, 1))  # cells per dense (cell, gene) table of <= 4M slots
+        for lo in range(0, n_cells if inside.any() else 0, step):
+            hi = min(lo + step, n_cells)
+            cs, ce, ts, te = chosen_at[lo], chosen_at[hi], token_at[lo], token_at[hi]
+            slot = np.full((hi - lo) * n_genes, -1, dtype=np.int32)  # position among the chosen, per (cell, gene)
+            slot[np.repeat(np.arange(hi - lo) * n_genes, kept[lo:hi]) + chosen[cs:ce]] = np.arange(ce - cs)
+            ins = inside[ts:te]
+            at = slot[np.repeat(np.arange(hi - lo) * n_genes, lens[lo:hi])[ins] + index[ts:te][ins]]
+            hit = at >= 0
+            vals[cs + at[hit]] = values[ts:te][ins][hit]
+            bns[cs + at[hit]] = bins[ts:te][ins][hit]
+        return self.gene_tokens[chosen], bns, vals
