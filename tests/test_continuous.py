@@ -15,7 +15,8 @@ from scipy import stats
 
 from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
-from scfm.encodings.continuous import ContinuousEncoding, cell_rng
+from scfm.encodings.continuous import ContinuousEncoding
+from scfm.encodings.rng import cell_rng
 from scfm.errors import ScfmInputError
 from scfm.vocab import SPECIAL_TOKENS, Vocab
 

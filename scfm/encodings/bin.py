@@ -20,7 +20,7 @@ Per cell, in this order:
    ``np.random.choice``'s random order; its model has no positions, so only the set matters).
 4. ``<cls>`` first, with value ``cls_value`` and bin 0 (scGPT inserts value 0).
 
-Randomness (exact resume): all of a cell's randomness comes from ``rng = np.random.default_rng(cell_seed)``,
+Randomness (exact resume): all of a cell's randomness comes from ``rng = cell_rng(cell_seed)`` (``scfm.encodings.rng``),
 drawn in this order: ``u = rng.random(n_nonzero)`` (one per non-zero gene, ascending token order, as scGPT's
 ``np.random.rand(len(x))``), then, only when sampling, ``np.sort(rng.choice(n_candidates, max_len − 1,
 replace=False))`` (indices into the candidates in ascending token order). Without ``cell_seeds`` every cell
@@ -33,9 +33,8 @@ Implementation, vectorised over the block: counts are integers and the value is 
 runs of equal values come from a dense (cell, count) histogram and tokens are never sorted. numpy's
 ``quantile`` is repeated for each cell's n_bins − 1 edges with the same float64 operations (its rounding
 artifacts included); an edge lies between two neighbouring order statistics a <= edge <= b and is compared
-with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The generators are
-``np.random.default_rng(seed)``'s streams, made about 4x cheaper: all seeds are hashed at once (numpy's
-SeedSequence, vectorised) and one PCG64 gets each cell's state. Only the per-cell draws are a Python loop.
+with those two only; ``left`` / ``right`` of a run are counts of the edges below it. Only the per-cell draws
+are a Python loop.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from scfm.encodings.rng import CellStreams
 from scfm.errors import ScfmInputError
 
 NORMALIZE_BY = ("vocab", "all_genes")
@@ -196,75 +196,6 @@ def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
     return run_value[token_run], left[token_run], right[token_run]
 
 
-# --- one np.random.default_rng(seed) per cell, fast -----------------------------------------------------
-_PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645  # PCG_DEFAULT_MULTIPLIER_128
-_MASK128 = (1 << 128) - 1
-
-
-def _hash_constants(init: int, mult: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """SeedSequence's running hash constant: the value XORed in by call j, and the one multiplied in."""
-    seq = [init]
-    for _ in range(n):
-        seq.append(seq[-1] * mult & 0xFFFFFFFF)
-    return np.array(seq[:-1], dtype=np.uint32)[:, None], np.array(seq[1:], dtype=np.uint32)[:, None]
-
-
-_XOR_A, _MUL_A = _hash_constants(0x43B0D7E5, 0x931E8875, 16)  # mix_entropy: 4 + 4·3 hashmix calls
-_XOR_B, _MUL_B = _hash_constants(0x8B51F9DD, 0x58F38DED, 8)  # generate_state: 8 uint32 words
-
-
-_SHIFT = np.uint32(16)
-_MIX_L, _MIX_R = np.uint32(0xCA01F9DD), np.uint32(0x4973F715)
-_OTHERS = [np.array([d for d in range(4) if d != src]) for src in range(4)]
-
-
-def _hashmix(value: np.ndarray, xor: np.ndarray, mul: np.ndarray) -> np.ndarray:
-    value = (value ^ xor) * mul
-    return value ^ (value >> _SHIFT)
-
-
-def seed_words(seeds: np.ndarray) -> np.ndarray:
-    """``np.random.SeedSequence(seed).generate_state(4, np.uint64)`` for many uint64 seeds: [4, n] uint64.
-
-    numpy's SeedSequence (pool of 4 uint32 words, ``mix_entropy`` then ``generate_state``), vectorised
-    over seeds in wrapping uint32 arithmetic. A seed below 2**32 is one entropy word, which mixes like two
-    words with a zero high word.
-    """
-    seeds = np.asarray(seeds, dtype=np.uint64)
-    entropy = np.zeros((4, len(seeds)), dtype=np.uint32)
-    entropy[0] = seeds & np.uint64(0xFFFFFFFF)
-    entropy[1] = seeds >> np.uint64(32)
-    pool = _hashmix(entropy, _XOR_A[:4], _MUL_A[:4])
-    for src, dst in enumerate(_OTHERS):  # the 3 destinations of one source use consecutive hash constants
-        hashed = _hashmix(pool[src], _XOR_A[4 + 3 * src:7 + 3 * src], _MUL_A[4 + 3 * src:7 + 3 * src])
-        mixed = _MIX_L * pool[dst] - _MIX_R * hashed
-        pool[dst] = mixed ^ (mixed >> _SHIFT)
-    words = _hashmix(np.concatenate([pool, pool]), _XOR_B, _MUL_B).astype(np.uint64)
-    return words[0::2] | (words[1::2] << np.uint64(32))
-
-
-class CellStreams:
-    """``streams(i)`` is in the state of ``np.random.default_rng(seeds[i])``, about 4x cheaper to make.
-
-    The SeedSequence hashing is vectorised (``seed_words``) and PCG64 is seeded as numpy does
-    (``pcg64_set_seed``: state 0, inc = 2·seq + 1, step, state += seed, step). One Generator is reused:
-    a stream is valid until the next call.
-    """
-
-    def __init__(self, seeds: np.ndarray) -> None:
-        self.words = seed_words(seeds).tolist()
-        self.bit_generator = np.random.PCG64(0)
-        self.generator = np.random.Generator(self.bit_generator)
-
-    def __call__(self, i: int) -> np.random.Generator:
-        w0, w1, w2, w3 = (w[i] for w in self.words)
-        inc = ((w2 << 65) | (w3 << 1) | 1) & _MASK128
-        state = ((inc + ((w0 << 64) | w1)) * _PCG_MULT + inc) & _MASK128
-        self.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
-                                    "has_uint32": 0, "uinteger": 0}
-        return self.generator
-
-
 @dataclass
 class BinEncoding:
     """Encoding ``bin`` (scGPT): ``<cls>`` + genes with ``values_bin`` (0 … n_bins−1) and ``values`` (log1p)."""
@@ -357,7 +288,7 @@ class BinEncoding:
         u = np.zeros(len(token_run))
         picks: dict[int, np.ndarray] = {}
         for i, c in enumerate(draw_cells.tolist()):
-            rng = streams(i)  # = np.random.default_rng(seeds[c])
+            rng = streams(i)  # = cell_rng(seeds[c])
             rng.random(out=u[offsets[c]:offsets[c + 1]])  # first: one draw per non-zero gene, token order
             if sampled[c]:  # then: the kept candidates
                 picks[c] = np.sort(rng.choice(int(candidates[c]), room, replace=False, shuffle=False))

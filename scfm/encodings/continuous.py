@@ -44,8 +44,8 @@ Per cell (``cell``): ``raw_total`` and ``input_total`` (float32 counts: T and S 
 the same cell in the same epoch encodes identically, so a resumed run is exact). Per-gene draws go in token-id
 order, the corpus's order within a cell, so the input order of a cell's genes does not matter and corpus input
 needs no sorting, whatever the gene list's order (scFoundation's is alphabetical by symbol). Per cell,
-``rng = cell_rng(seed)`` (a PCG64 whose 128-bit state and increment are SplitMix64 hashes of the seed: ~1 µs where
-``np.random.default_rng`` takes ~9) draws in this order (``tests/test_continuous.py`` replays it gene by gene):
+``rng = cell_rng(seed)`` (``scfm.encodings.rng``) draws in this order (``tests/test_continuous.py`` replays
+it gene by gene):
 
 1. ``rng.random()`` (always drawn); the cell is down-sampled iff it is ``< downsample_prob`` and raw total >= min;
 2. if down-sampled: ``γ = rng.beta(beta_a, beta_b)``; ``rng.binomial(c_g, γ)`` for each listed gene with ``c_g > 0``
@@ -74,38 +74,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scfm.encodings.rng import CellStreams
 from scfm.errors import ScfmInputError
 
 _HEADER_NAMES = ("gene_id", "gene_ids", "ensembl_id", "ensembl", "gene_name", "gene_symbol", "symbol", "gene")
 _FIXED_SEED = 0x5CF0_C0DE  # cells encoded without seeds get ``_FIXED_SEED + position in the block``
-_GOLDEN = [np.uint64(k * 0x9E3779B97F4A7C15 % 2**64) for k in range(1, 5)]  # SplitMix64's increments
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function (Steele et al. 2014), vectorised on uint64 (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def pcg64_states(cell_seeds: np.ndarray) -> list[dict]:
-    """``PCG64`` states, one per cell seed: 128-bit state and (odd) increment from four SplitMix64 words of the seed.
-
-    Setting a state costs ~1 µs where ``np.random.default_rng(seed)`` (SeedSequence hashing) costs ~9 µs per cell.
-    """
-    seeds = np.asarray(cell_seeds, dtype=np.uint64)
-    w = [_splitmix64(seeds + k).tolist() for k in _GOLDEN]
-    return [{"bit_generator": "PCG64", "state": {"state": (a << 64) | b, "inc": (c << 64) | d | 1},
-             "has_uint32": 0, "uinteger": 0} for a, b, c, d in zip(*w)]
-
-
-def cell_rng(seed: int) -> np.random.Generator:
-    """The generator of one cell seed: the stream ``ContinuousEncoding`` draws that cell's randomness from."""
-    bits = np.random.PCG64()
-    bits.state = pcg64_states(np.array([seed], dtype=np.uint64))[0]
-    return np.random.Generator(bits)
-
-
 def read_gene_list(path: str | Path) -> list[str]:
     """Gene ids from a text file (one per line) or a TSV/CSV whose header names the column (gene_id, symbol …;
     else the first column is used)."""
@@ -299,10 +272,9 @@ class ContinuousEncoding:
         p_ds, p_nz, p_z, a, b = self.downsample_prob, self.mask_nonzero, self.mask_zero, self.beta_a, self.beta_b
         min_total = self.downsample_min_total
         bl, tl = bounds.tolist(), totals.tolist()
-        bits = np.random.PCG64()
-        rng = np.random.Generator(bits)
-        for i, state in enumerate(pcg64_states(cell_seeds)):
-            bits.state = state  # == cell_rng(seed): a fresh stream per cell
+        streams = CellStreams(cell_seeds)
+        for i in range(n):
+            rng = streams(i)  # == cell_rng(cell_seeds[i])
             lo, hi = bl[i], bl[i + 1]
             if rng.random() < p_ds and tl[i] >= min_total:
                 g = rng.beta(a, b)
