@@ -283,7 +283,7 @@ def test_packed_cells_do_not_affect_each_other(kernel: str) -> None:
         ({"layers": 0}, "layers"),
         ({"hidden": -8}, "hidden"),
         ({"vocab_size": 0}, "vocab_size"),
-        ({"attention": "flashy"}, "eager, sdpa"),
+        ({"attention": "flashy"}, "eager, sdpa, flex"),
         ({"activation": "swish9"}, "relu"),
         ({"dropout": 1.5}, "dropout"),
         ({"pad_id": 99}, "pad_id"),

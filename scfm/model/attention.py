@@ -6,16 +6,21 @@ Every kernel takes q, k, v shaped ``[B, H, L, Dh]`` and a :class:`Layout` that s
 Contract shared by all kernels:
 
 * a query attends only to keys that are real (``padding_mask``) and in the same cell (``doc_ids``);
+* with scGPT's generative mask (``known``), a known query attends only to known keys and an unknown query to
+  the known keys and itself (exact kernels only; ``performer`` refuses it);
 * the output at a padded query position (``padding_mask == False``) is exactly zero, and neither the
   output nor any gradient is ever NaN, even for a row with no real token at all.
 
-New kernels (flex, flash varlen, performer, ...) register in :data:`KERNELS`.
+Kernels registered in :data:`KERNELS`: ``eager`` (reference maths), ``sdpa``, ``flex`` (FlexAttention block
+masks) -- all exact -- and ``performer`` (FAVOR+ linear attention, approximate). ``flash`` (flash-attn varlen)
+needs CUDA and the ``gpu`` extra and is not implemented yet.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,7 +30,17 @@ from torch import Tensor
 
 from scfm.errors import ScfmInputError
 
-__all__ = ["KERNELS", "AttentionKernel", "Layout", "eager_attend", "get_kernel", "sdpa_attend"]
+__all__ = [
+    "EXACT_KERNELS",
+    "KERNELS",
+    "AttentionKernel",
+    "Layout",
+    "PerformerAttention",
+    "eager_attend",
+    "flex_attend",
+    "get_kernel",
+    "sdpa_attend",
+]
 
 
 def _get(batch: Mapping[str, Any] | Any, key: str) -> Tensor | None:
@@ -40,6 +55,8 @@ class Layout:
     Padded batch: ``padding_mask`` [B, L] (True = real token), ``doc_ids`` and ``cu_seqlens`` None.
     Packed batch: ``doc_ids`` [B, T] (cell index within the pack), ``cu_seqlens`` [n+1] (int32, cumulative
     lengths as in flash-attn varlen, meaningful for B == 1), ``padding_mask`` None or [B, T].
+    Generative (scGPT): ``known`` [B, L] bool, True for ``<cls>`` and known genes, False for the unknown genes
+    whose values are predicted; combines with either of the above.
 
     Masks derived from the layout are built once and cached, so every layer of a forward pass reuses them.
     """
@@ -47,7 +64,8 @@ class Layout:
     padding_mask: Tensor | None = None
     doc_ids: Tensor | None = None
     cu_seqlens: Tensor | None = None
-    _cache: dict[str, Tensor | None] = field(default_factory=dict, init=False, repr=False)
+    known: Tensor | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.padding_mask is not None and self.padding_mask.dtype != torch.bool:
@@ -55,6 +73,12 @@ class Layout:
                 f"padding_mask must be bool, got {self.padding_mask.dtype}",
                 where="Layout.padding_mask",
                 fix="pass a BoolTensor with True for real tokens",
+            )
+        if self.known is not None and self.known.dtype != torch.bool:
+            raise ScfmInputError(
+                f"known must be bool, got {self.known.dtype}",
+                where="Layout.known",
+                fix="pass a BoolTensor with True for <cls> and known genes, False for unknown genes",
             )
         if self.doc_ids is None and self.cu_seqlens is not None:
             # Derive doc_ids from cu_seqlens (single pack): token t is in cell i iff cu[i] <= t < cu[i+1];
@@ -64,29 +88,35 @@ class Layout:
             self.doc_ids = torch.searchsorted(self.cu_seqlens[1:].long(), t, right=True)[None]  # [1, T]
         shapes = {
             n: tuple(x.shape)
-            for n, x in (("padding_mask", self.padding_mask), ("doc_ids", self.doc_ids))
+            for n, x in (("padding_mask", self.padding_mask), ("doc_ids", self.doc_ids), ("known", self.known))
             if x is not None
         }
         if len(set(shapes.values())) > 1:
             raise ScfmInputError(
                 f"layout tensors disagree in shape: {shapes}",
                 where="Layout",
-                fix="padding_mask and doc_ids must both be [B, L]",
+                fix="padding_mask, doc_ids and known must all be [B, L]",
             )
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, Any] | Any) -> Layout:
-        """Read ``padding_mask``, ``doc_ids`` and ``cu_seqlens`` (each optional) from a dict or TensorDict."""
+        """Read ``padding_mask``, ``doc_ids``, ``cu_seqlens``, ``known`` (each optional) from a dict / TensorDict."""
         return cls(
             padding_mask=_get(batch, "padding_mask"),
             doc_ids=_get(batch, "doc_ids"),
             cu_seqlens=_get(batch, "cu_seqlens"),
+            known=_get(batch, "known"),
         )
 
     @property
     def is_packed(self) -> bool:
         """True when several cells share one row (``doc_ids`` present)."""
         return self.doc_ids is not None
+
+    @property
+    def is_generative(self) -> bool:
+        """True when scGPT's generative mask applies (``known`` present)."""
+        return self.known is not None
 
     @property
     def query_mask(self) -> Tensor | None:
@@ -97,12 +127,18 @@ class Layout:
     def attention_mask(self) -> Tensor | None:
         """[B, 1, L, L] bool, True where query i may attend key j; None when everything may attend.
 
-        Key padding and (packed) same-cell block-diagonal, combined. A padded query row may be all False.
+        Key padding, (packed) same-cell block-diagonal and (generative) "known keys, or the query itself",
+        combined. A padded query row may be all False.
         """
         if "attention_mask" not in self._cache:
             mask = None
             if self.doc_ids is not None:
                 mask = self.doc_ids[:, None, :, None] == self.doc_ids[:, None, None, :]  # [B, 1, L, L]
+            if self.known is not None:
+                L = self.known.shape[-1]
+                eye = torch.eye(L, dtype=torch.bool, device=self.known.device)  # [L, L]
+                gen = self.known[:, None, None, :] | eye  # [B, 1, L, L]: key known, or key is the query
+                mask = gen if mask is None else mask & gen
             if self.padding_mask is not None:
                 keys = self.padding_mask[:, None, None, :]  # [B, 1, 1, L]
                 mask = keys if mask is None else mask & keys
@@ -146,7 +182,8 @@ def sdpa_attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, dropout_p: floa
 
     q, k, v: [B, H, L, Dh] -> [B, H, L, Dh]. Padded query rows are 0. A single packed row with
     ``cu_seqlens`` is first scattered to one padded row per cell, so the cost is sum(len_i^2), not T^2
-    (a [T, T] block-diagonal mask at T = 12 x 2048 would cost ~13x more on PBMC lengths).
+    (a [T, T] block-diagonal mask at T = 12 x 2048 would cost ~13x more on PBMC lengths); ``known`` is
+    scattered into the same per-cell grid, so the generative mask keeps that fast path.
     """
     if layout.is_packed and layout.cu_seqlens is not None and q.shape[0] == 1:
         return _sdpa_per_cell(q, k, v, layout, dropout_p)
@@ -173,8 +210,15 @@ def _sdpa_per_cell(q: Tensor, k: Tensor, v: Tensor, layout: Layout, dropout_p: f
         grid[d, pos] = x[0, :, tok].transpose(0, 1)  # [R, H, Dh]
         return grid.transpose(1, 2)
 
-    key_real = torch.arange(lmax, device=q.device)[None, :] < lengths[:, None]  # [n, Lmax]
-    mask = key_real[:, None, None, :] | torch.eye(lmax, dtype=torch.bool, device=q.device)  # [n, 1, Lmax, Lmax]
+    key_real = torch.zeros(n, lmax, dtype=torch.bool, device=q.device)  # [n, Lmax]
+    key_real[d, pos] = True  # real tokens only: a padded token inside a cell's span is not a key either
+    eye = torch.eye(lmax, dtype=torch.bool, device=q.device)  # [Lmax, Lmax]
+    keys = key_real[:, None, None, :]  # [n, 1, 1, Lmax]
+    if layout.known is not None:
+        known = torch.zeros_like(key_real)  # [n, Lmax]
+        known[d, pos] = layout.known[0, tok]
+        keys = keys & known[:, None, None, :]  # unknown keys are seen only by themselves (the diagonal)
+    mask = keys | eye  # [n, 1, Lmax, Lmax]; the diagonal also keeps padded slots' rows non-empty
     out_cells = F.scaled_dot_product_attention(to_cells(q), to_cells(k), to_cells(v), attn_mask=mask,
                                                dropout_p=dropout_p)  # [n, H, Lmax, Dh]
     out = q.new_zeros(T, q.shape[1], q.shape[3])  # [T, H, Dh]
@@ -199,16 +243,282 @@ def eager_attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, dropout_p: flo
     return _zero_padded_queries(probs @ v, layout)  # [B, H, L, Dh]
 
 
-KERNELS: dict[str, AttentionKernel] = {"sdpa": sdpa_attend, "eager": eager_attend}
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """``warnings.warn`` once per process for ``key`` (a fallback is reported, not repeated every layer)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------- flex
+
+# torch.compile(flex_attention) per device type, built on first use; "failed" once compiling is known not to work.
+_FLEX: dict[str, Any] = {"compiled": {}, "failed": False}
+
+
+def _flex_mask_mod(layout: Layout) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None:
+    """The layout as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``; None when everything may attend.
+
+    Same rule as :attr:`Layout.safe_attention_mask`: key real, same cell, key known (generative), or the key is
+    the query itself (which keeps padded rows non-empty; real rows see themselves anyway).
+    """
+    pm, doc, known = layout.padding_mask, layout.doc_ids, layout.known
+    if pm is None and doc is None and known is None:
+        return None
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ok = q_idx == kv_idx
+        rule = None
+        if pm is not None:
+            rule = pm[b, kv_idx]
+        if doc is not None:
+            same = doc[b, q_idx] == doc[b, kv_idx]
+            rule = same if rule is None else rule & same
+        if known is not None:
+            rule = known[b, kv_idx] if rule is None else rule & known[b, kv_idx]
+        return ok | rule
+
+    return mask_mod
+
+
+def _flex_masks(layout: Layout, B: int, L: int, device: torch.device, dense: bool) -> Any:
+    """Cached ``BlockMask`` (``dense=False``) or the same mask_mod as a [B, 1, L, L] bool mask (``dense=True``)."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    key = f"flex_{'dense' if dense else 'block'}_{B}_{L}_{device}"
+    if key not in layout._cache:
+        mask_mod = _flex_mask_mod(layout)
+        if mask_mod is None:
+            layout._cache[key] = None
+        elif dense:
+            layout._cache[key] = create_mask(mask_mod, B, None, L, L, device=device)  # [B, 1, L, L]
+        else:
+            layout._cache[key] = create_block_mask(mask_mod, B, None, L, L, device=device)
+    return layout._cache[key]
+
+
+def _compiled_flex(device_type: str) -> Callable[..., Tensor] | None:
+    """``torch.compile(flex_attention)``, or None once compiling failed on this platform.
+
+    On the CPU shapes are static (``dynamic=False``): inductor's dynamic-shape CPU flex template fails to build
+    in torch 2.13 (``cur_kvSplitSize4 was not declared``); each new length recompiles instead.
+    """
+    if _FLEX["failed"]:
+        return None
+    if device_type not in _FLEX["compiled"]:
+        try:
+            _FLEX["compiled"][device_type] = _compile_flex(device_type)
+        except Exception as err:  # any failure means: no compiler here
+            _flex_compile_failed(err)
+            return None
+    return _FLEX["compiled"][device_type]
+
+
+def _compile_flex(device_type: str) -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
+def _flex_compile_failed(err: BaseException) -> None:
+    _FLEX["failed"] = True
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    _warn_once(
+        "flex-compile",
+        f"torch.compile(flex_attention) is unavailable on this platform ({type(err).__name__}: {first}); "
+        "attention=flex falls back to the eager (uncompiled) flex_attention, which is exact but materialises "
+        "the full score matrix (slow, O(L^2) memory). Use attention=sdpa for speed.",
+    )
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+    """Compiled flex_attention, or the eager one (with a one-time warning) when compiling fails."""
+    fn = _compiled_flex(q.device.type)
+    if fn is not None:
+        try:
+            return fn(q, k, v, block_mask=block_mask)
+        except Exception as err:  # inductor / C++ toolchain errors surface here, at the first call
+            out = _eager_flex(q, k, v, block_mask)  # an error of the inputs themselves raises here too
+            _flex_compile_failed(err)
+            return out
+    return _eager_flex(q, k, v, block_mask)
+
+
+def _eager_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():  # torch's own "called without torch.compile" warning: we already said so
+        warnings.filterwarnings("ignore", message=".*without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def flex_attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, dropout_p: float = 0.0) -> Tensor:
+    """Attention via FlexAttention with a ``BlockMask`` from the layout (padding, same cell, generative).
+
+    q, k, v: [B, H, L, Dh] -> [B, H, L, Dh]. Padded query rows are 0. The block mask is built once per layout
+    and reused by every layer. FlexAttention has no attention dropout and, in torch 2.x, no backward on CPU:
+    with ``dropout_p > 0``, or when gradients are needed on a CPU tensor, the same ``mask_mod`` is materialised
+    as a dense mask and fed to SDPA (exact; a one-time warning says so).
+    """
+    B, _, L, _ = q.shape
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    cpu_grad = needs_grad and q.device.type in ("cpu", "mps")
+    if cpu_grad or dropout_p > 0.0:
+        why = (
+            f"FlexAttention has no backward on {q.device.type} (torch {torch.__version__})"
+            if cpu_grad
+            else "FlexAttention has no attention dropout"
+        )
+        _warn_once(
+            f"flex-dense-{cpu_grad}",
+            f"{why}; attention=flex computes these passes with SDPA on the dense mask of the same mask_mod "
+            "(exact, but O(L^2) memory)",
+        )
+        mask = _flex_masks(layout, B, L, q.device, dense=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    else:
+        if not needs_grad:  # flex refuses CPU inputs that require grad, even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+        out = _run_flex(q, k, v, _flex_masks(layout, B, L, q.device, dense=False))
+    return _zero_padded_queries(out, layout)  # [B, H, L, Dh]
+
+
+# ---------------------------------------------------------------- performer (FAVOR+)
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> Tensor:
+    """[m, d] random features: stacked Haar-orthogonal d x d blocks, rows rescaled to chi(d) norms (float64)."""
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        a = torch.randn(d, d, generator=generator, dtype=torch.float64)
+        qm, r = torch.linalg.qr(a)
+        qm = qm * torch.sign(torch.diagonal(r))[None, :]  # sign fix -> Haar distributed
+        blocks.append(qm.T)  # rows orthonormal
+    w = torch.cat(blocks)[:m]  # [m, d]
+    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)  # [m], as Gaussian rows
+    return w * norms[:, None]
+
+
+class PerformerAttention:
+    """FAVOR+ linear attention (Choromanski et al., ICLR 2021), an unbiased estimate of softmax attention.
+
+    Positive orthogonal random features ``phi(x) = exp(w x - |x|^2 / 2) / sqrt(m)`` with ``x`` scaled by
+    ``Dh^-1/4``, so ``E[phi(q) phi(k)] = exp(q k / sqrt(Dh))``; ``out_i = phi(q_i) S_g / phi(q_i) z_g`` with
+    ``S_g = sum_j phi(k_j) v_j^T`` and ``z_g = sum_j phi(k_j)`` over the real keys ``j`` of query ``i``'s cell
+    ``g`` (one group per row when not packed). Cost is linear in L. The features are drawn from ``seed`` once
+    (``redraw=False``) or anew each call (``redraw=True``: seed, seed + 1, ...). Exponents are stabilised by a
+    detached max (per query; per cell over real keys), which cancels exactly in the ratio.
+
+    Cannot express scGPT's generative mask (raises). There is no attention matrix to drop out, so ``dropout_p``
+    drops keys instead: each (head, key) pair is removed from the numerator sum ``S_g`` with probability p and
+    the survivors are scaled by 1 / (1 - p), leaving the normaliser ``z_g`` intact -- the expectation equals
+    the dropout-free output, as with dropout on softmax probabilities (but shared by all queries).
+    """
+
+    def __init__(self, nb_features: int = 256, seed: int = 0, redraw: bool = False) -> None:
+        if not isinstance(nb_features, int) or nb_features <= 0:
+            raise ScfmInputError(
+                f"nb_features must be a positive integer, got {nb_features!r}", where="attention.performer"
+            )
+        self.nb_features = nb_features
+        self.seed = seed
+        self.redraw = redraw
+        self._draws = 0
+        self._proj: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    def projection(self, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """[nb_features, dim] feature matrix (fixed unless ``redraw``)."""
+        key = (dim, device, dtype)
+        if self.redraw or key not in self._proj:
+            g = torch.Generator().manual_seed(self.seed + self._draws)
+            if self.redraw:
+                self._draws += 1
+            self._proj[key] = orthogonal_gaussian(self.nb_features, dim, g).to(device=device, dtype=dtype)
+        return self._proj[key]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layout: Layout, dropout_p: float = 0.0) -> Tensor:
+        """q, k, v: [B, H, L, Dh] -> [B, H, L, Dh]; padded query rows are 0."""
+        if layout.known is not None:
+            raise ScfmInputError(
+                "performer cannot express scGPT's generative mask (layout.known is set)",
+                where="attention.performer",
+                fix="use attention=flex|sdpa|eager",
+            )
+        B, H, L, Dh = q.shape
+        w = self.projection(Dh, q.device, q.dtype)  # [m, Dh]
+        scale = Dh**-0.25
+        if layout.doc_ids is not None:
+            doc = layout.doc_ids.long().expand(B, L)  # [B, L]
+            G = int(doc.max()) + 1 if doc.numel() else 1
+        else:
+            doc = torch.zeros(B, L, dtype=torch.long, device=q.device)
+            G = 1
+        pm = layout.padding_mask
+        key_ok = pm.expand(B, L) if pm is not None else torch.ones_like(doc, dtype=torch.bool)  # [B, L]
+
+        def logits(x: Tensor) -> Tensor:  # [B, H, L, Dh] -> [B, H, L, m]: w x - |x|^2 / 2
+            x = x * scale
+            return x @ w.T - (x * x).sum(-1, keepdim=True) / 2
+
+        lq = logits(q)
+        phi_q = torch.exp(lq - lq.amax(-1, keepdim=True).detach())  # [B, H, L, m]
+        lk = logits(k).masked_fill(~key_ok[:, None, :, None], -math.inf)  # padded keys: phi = 0
+        tok_max = lk.detach().amax(-1)  # [B, H, L]
+        idx = doc[:, None, :].expand(B, H, L)
+        group_max = tok_max.new_full((B, H, G), -math.inf).scatter_reduce(-1, idx, tok_max, "amax")  # [B, H, G]
+        stab = group_max.gather(-1, idx)  # [B, H, L]
+        stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
+        phi_k = torch.exp(lk - stab[..., None])  # [B, H, L, m]; the 1 / sqrt(m) cancels in the ratio
+
+        # Per-cell sums without a [G, L, m] tensor: spread v over its cell's slot ([L, G * Dh], zeros elsewhere),
+        # so one matmul gives every cell's S_g; memory O(L G Dh) (G = 1 when not packed).
+        onehot = F.one_hot(doc, G).to(q.dtype)[:, None]  # [B, 1, L, G]
+        vg = v[..., None, :] * onehot[..., None]  # [B, H, L, G, Dh]
+        if dropout_p > 0.0:  # key dropout in the numerator only (see the class docstring)
+            keep = torch.rand(B, H, L, 1, 1, device=q.device) >= dropout_p
+            vg = vg * keep / (1.0 - dropout_p)
+        phi_kt = phi_k.transpose(-1, -2)  # [B, H, m, L]
+        kv = phi_kt @ vg.flatten(-2)  # [B, H, m, G * Dh]
+        z = phi_kt @ onehot  # [B, H, m, G]
+        num = ((phi_q @ kv).unflatten(-1, (G, Dh)) * onehot[..., None]).sum(-2)  # [B, H, L, Dh]: own cell's S_g
+        den = ((phi_q @ z) * onehot).sum(-1, keepdim=True)  # [B, H, L, 1]
+        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        return _zero_padded_queries(out, layout)  # [B, H, L, Dh]
+
+
+# ---------------------------------------------------------------- registry
+
+EXACT_KERNELS: tuple[str, ...] = ("eager", "sdpa", "flex")
+"""Kernels that compute softmax attention exactly (equal to ``eager`` within rounding)."""
+
+KERNELS: dict[str, AttentionKernel] = {
+    "eager": eager_attend,
+    "sdpa": sdpa_attend,
+    "flex": flex_attend,
+    "performer": PerformerAttention(),
+}
 
 
 def get_kernel(name: str) -> AttentionKernel:
     """The attention kernel registered under ``name``; raises listing the valid names otherwise."""
+    if name == "flash" and name not in KERNELS:
+        raise ScfmInputError(
+            "attention kernel 'flash' (flash-attn varlen) is not available",
+            where="attention",
+            fix="flash-attn needs CUDA and the `gpu` extra (pip install 'scfm[gpu]'); "
+            "use attention=sdpa or attention=flex meanwhile",
+        )
     try:
         return KERNELS[name]
     except KeyError:
+        exact = [n for n in EXACT_KERNELS if n in KERNELS]
+        approx = sorted(n for n in KERNELS if n not in EXACT_KERNELS)
         raise ScfmInputError(
             f"unknown attention kernel {name!r}",
             where="attention",
-            fix=f"use one of: {', '.join(sorted(KERNELS))}",
+            fix=f"use one of the exact kernels {', '.join(exact)}"
+            + (f" or the approximate {', '.join(approx)}" if approx else ""),
         ) from None

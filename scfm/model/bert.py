@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError
-from scfm.model.attention import KERNELS, Layout, get_kernel
+from scfm.model.attention import Layout, get_kernel
 
 __all__ = [
     "ACTIVATIONS",
@@ -94,12 +94,7 @@ class BertConfig:
                 where="BertConfig.activation",
                 fix=f"use one of: {', '.join(sorted(ACTIVATIONS))}",
             )
-        if self.attention not in KERNELS:
-            raise ScfmInputError(
-                f"unknown attention kernel {self.attention!r}",
-                where="BertConfig.attention",
-                fix=f"use one of: {', '.join(sorted(KERNELS))}",
-            )
+        get_kernel(self.attention)  # unknown or unavailable kernels raise with the valid names and the fix
 
     @property
     def head_dim(self) -> int:
