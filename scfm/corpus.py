@@ -619,13 +619,14 @@ def _write_gene_stats(staging: Path, manifest: dict[str, Any], vocab: Vocab, opt
     if method == "auto":
         method = "exact" if n_values <= options.exact_max_values else "histogram"
     acc = GeneStatsAccumulator(len(vocab), method=method)
-    manifest_complete = dict(manifest, complete=True)
-    tmp_corpus = Corpus.__new__(Corpus)
-    tmp_corpus.path, tmp_corpus.manifest, tmp_corpus._shards = staging, manifest_complete, {}
-    for i in range(len(manifest["shards"])):
-        shard = tmp_corpus.shard(i)
-        values = normalised_values(np.asarray(shard.counts), np.asarray(shard.offsets), shard.total_counts)
-        acc.update(np.asarray(shard.gene_ids), values, shard.n_cells)
+    for meta in manifest["shards"]:  # one shard in memory at a time, read (not mapped): RSS stays flat
+        folder = staging / "shards" / meta["name"]
+        gene_ids, counts, offsets = (np.fromfile(folder / f"{k}.memmap", dtype=SHARD_ARRAYS[k]) for k in SHARD_ARRAYS)
+        totals = pd.read_parquet(staging / "shards" / f"{meta['name']}.obs.parquet",
+                                 columns=["total_counts"])["total_counts"].to_numpy(np.int64)
+        values = normalised_values(counts, offsets, totals)
+        acc.update(gene_ids, values, meta["n_cells"])
+        del gene_ids, counts, values
     stats = acc.result()
     stats.insert(1, "gene_id", list(vocab.specials) + list(vocab.gene_ids))
     stats.to_parquet(staging / "gene_stats.parquet.tmp", index=False)

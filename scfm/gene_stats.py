@@ -19,10 +19,11 @@ import pandas as pd
 TARGET_SUM = 10_000.0
 
 
-def normalised_values(counts: np.ndarray, offsets: np.ndarray, totals: np.ndarray) -> np.ndarray:
-    """count / cell total × 10,000 for every token of a block of cells (float64)."""
-    per_token_total = np.repeat(totals.astype(np.float64), np.diff(offsets))
-    return counts.astype(np.float64) / per_token_total * TARGET_SUM
+def normalised_values(counts: np.ndarray, offsets: np.ndarray, totals: np.ndarray,
+                      dtype: type = np.float64) -> np.ndarray:
+    """count / cell total × 10,000 for every token of a block of cells."""
+    scale = (TARGET_SUM / totals.astype(np.float64)).astype(dtype)
+    return counts.astype(dtype) * np.repeat(scale, np.diff(offsets))
 
 
 @dataclass
@@ -55,12 +56,16 @@ class GeneStatsAccumulator:
             self._genes.append(gene_ids.astype(np.int32))
             self._values.append(values.astype(np.float64))
         else:
-            self._hist += np.bincount(gene_ids.astype(np.int64) * self.bins + self._bin(values),
-                                      minlength=self.vocab_size * self.bins)
+            key = gene_ids.astype(np.int64) * self.bins
+            key += self._bin(values)
+            self._hist += np.bincount(key, minlength=self.vocab_size * self.bins)
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
-        pos = (np.log10(values) - self.log_min) / (self.log_max - self.log_min) * self.bins
-        return np.clip(pos.astype(np.int64), 0, self.bins - 1)
+        pos = np.log10(values.astype(np.float32, copy=False))
+        pos -= np.float32(self.log_min)
+        pos *= np.float32(self.bins / (self.log_max - self.log_min))
+        np.clip(pos, 0, self.bins - 1, out=pos)
+        return pos.astype(np.int64)
 
     def medians(self) -> np.ndarray:
         """Non-zero median per gene (NaN for genes never seen)."""
