@@ -1,0 +1,187 @@
+"""Benchmark one epoch of ``CellDataModule`` (random batching, batch 12) against a naive map-style loader.
+
+Corpus: by default prepared once from the synthetic 10x-like ``.h5ad`` of ``--cells`` cells (``bench/synth.py``,
+cached under ``$BENCH_WORK``, default /tmp/bench_work); or ``--corpus PATH`` (a prepared corpus; its first
+source file is the baseline's input unless ``--h5ad``); or ``--builtin pbmc3k`` (prepared into ``$SCFM_CACHE``).
+
+- scfm: ``CellDataModule(encoding, {"strategy": "random", "batch_size": 12}, val_fraction=0, num_workers=W)``,
+  ``setup()`` then one pass over ``train_dataloader()``, counting cells (``len(lengths)``) and tokens
+  (``lengths.sum()``). The clock includes worker start-up (``first_batch_s`` is reported apart).
+- baseline (same run, same machine): a map-style ``Dataset`` over ``anndata.read_h5ad(path, backed="r")`` whose
+  ``__getitem__`` reads one row and encodes it (rank: count / total × 10⁴ / corpus gene median, argsort
+  descending, first ``max_len``), in a ``DataLoader(batch_size=12, num_workers=0, collate_fn=pad)`` over
+  ``--baseline-cells`` random cells in random order.
+
+One JSON line per worker count on stdout; progress on stderr. ``cells_per_s_per_worker`` divides by W (W=0: the
+main process is the one worker). Encodings are entries of ``ENCODINGS`` (scfm encoding + naive row encoder).
+
+Quick:  python bench/loader.py --cells 20000 --baseline-cells 500
+Full:   python bench/loader.py --cells 100000 --baseline-cells 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+from synth import WORK, ensure_h5ad, log
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+
+from scfm.corpus import Corpus, PrepareOptions, is_corpus, prepare
+from scfm.data.datamodule import CellDataModule
+from scfm.encodings.rank import RankEncoding
+
+TARGETS = {"cells_per_s_per_worker": 20_000, "speedup": 10.0}
+
+
+@dataclass
+class Tables:
+    """What a naive row encoder needs: token id per h5ad column (-1: not in vocab) and gene median per token."""
+
+    token_of_column: np.ndarray
+    median: np.ndarray
+
+
+def naive_rank(cols: np.ndarray, counts: np.ndarray, t: Tables, max_len: int) -> np.ndarray:
+    tokens = t.token_of_column[cols]
+    med = t.median[np.maximum(tokens, 0)]
+    keep = (tokens >= 0) & (med > 0)
+    values = counts[keep] / counts.sum() * 1e4 / med[keep]
+    return tokens[keep][np.argsort(-values, kind="stable")[:max_len]]
+
+
+@dataclass
+class EncodingSpec:
+    make: Callable[[int], Any]  # max_len -> scfm encoding
+    naive: Callable[[np.ndarray, np.ndarray, Tables, int], np.ndarray]  # (columns, counts, tables, max_len) -> ids
+
+
+ENCODINGS: dict[str, EncodingSpec] = {
+    "rank": EncodingSpec(lambda max_len: RankEncoding(max_len=max_len), naive_rank),
+}
+
+
+class NaiveRows(Dataset):
+    """One backed-AnnData row per item, encoded on the fly."""
+
+    def __init__(self, h5ad: Path, tables: Tables, naive: Callable, max_len: int) -> None:
+        self.adata = ad.read_h5ad(h5ad, backed="r")
+        self.tables, self.naive, self.max_len = tables, naive, max_len
+
+    def __len__(self) -> int:
+        return self.adata.n_obs
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        row = self.adata.X[i]
+        ids = self.naive(row.indices, row.data.astype(np.float64), self.tables, self.max_len)
+        return torch.from_numpy(ids)
+
+
+def pad(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"gene_ids": pad_sequence(batch, batch_first=True),
+            "lengths": torch.tensor([len(b) for b in batch], dtype=torch.int64)}
+
+
+def baseline(h5ad: Path, corpus: Corpus, spec: EncodingSpec, max_len: int, n_cells: int, seed: int) -> dict:
+    var_names = list(ad.read_h5ad(h5ad, backed="r").var_names)
+    median = np.full(len(corpus.vocab), np.nan, dtype=np.float64)
+    median[corpus.gene_stats.token_id.to_numpy()] = corpus.gene_stats.nonzero_median.to_numpy()
+    tables = Tables(corpus.vocab.lookup(var_names), median)
+    data = NaiveRows(h5ad, tables, spec.naive, max_len)
+    subset = np.random.default_rng(seed).choice(len(data), size=min(n_cells, len(data)), replace=False)
+    loader = DataLoader(torch.utils.data.Subset(data, subset.tolist()), batch_size=12, num_workers=0,
+                        collate_fn=pad)
+    t, cells, tokens = time.perf_counter(), 0, 0
+    for batch in loader:
+        cells += len(batch["lengths"])
+        tokens += int(batch["lengths"].sum())
+    dt = time.perf_counter() - t
+    return {"cells": cells, "s": dt, "cells_per_s": cells / dt, "tokens_per_cell": tokens / cells}
+
+
+def scfm_epoch(corpus: Path, encoding: Any, workers: int) -> dict[str, float]:
+    dm = CellDataModule(encoding, {"strategy": "random", "batch_size": 12}, corpus=str(corpus),
+                        val_fraction=0.0, num_workers=workers, progress=False)
+    dm.setup()
+    loader = dm.train_dataloader()
+    t = time.perf_counter()
+    cells = tokens = batches = 0
+    first = None
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - t
+        lengths = batch["lengths"]
+        cells += len(lengths)
+        tokens += int(lengths.sum())
+        batches += 1
+    return {"s": time.perf_counter() - t, "first_batch_s": first or 0.0, "cells": cells, "tokens": tokens,
+            "batches": batches, "corpus_cells": dm.corpus.n_cells}
+
+
+def resolve(args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """(corpus folder, baseline .h5ad, label)."""
+    if args.builtin:
+        from scfm.builtin import builtin_corpus
+
+        corpus = builtin_corpus(args.builtin, progress=False).path
+        return corpus, Path(args.h5ad or corpus.with_name(corpus.name + ".h5ad")), f"builtin:{args.builtin}"
+    if args.corpus:
+        corpus = Path(args.corpus)
+        src = Corpus(corpus).manifest["sources"][0]["path"]
+        return corpus, Path(args.h5ad or src), str(corpus)
+    h5ad = ensure_h5ad(args.cells)
+    corpus = WORK / f"corpus-{h5ad.stem}"
+    if not is_corpus(corpus):
+        log(f"preparing {corpus} ...")
+        prepare([str(h5ad)], corpus, PrepareOptions(progress=False), log=lambda _msg: None)
+    return corpus, h5ad, f"synthetic:{args.cells}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=100_000, help="synthetic corpus size (default corpus)")
+    ap.add_argument("--corpus", help="a prepared corpus instead of the synthetic one")
+    ap.add_argument("--builtin", choices=["pbmc3k"], help="a built-in corpus instead of the synthetic one")
+    ap.add_argument("--h5ad", help="baseline input (default: the corpus's source file)")
+    ap.add_argument("--encoding", choices=sorted(ENCODINGS), default="rank")
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--baseline-cells", type=int, default=2_000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    corpus_path, h5ad, label = resolve(args)
+    spec = ENCODINGS[args.encoding]
+    corpus = Corpus(corpus_path)
+    log(f"corpus {corpus}; baseline input {h5ad}")
+    base = baseline(h5ad, corpus, spec, args.max_len, args.baseline_cells, args.seed)
+    log(f"baseline: {base['cells']:,} cells in {base['s']:.2f} s = {base['cells_per_s']:,.0f} cells/s")
+    for w in args.workers:
+        r = scfm_epoch(corpus_path, spec.make(args.max_len), w)
+        cps = r["cells"] / r["s"]
+        row = {"case": f"{args.encoding}_W{w}", "num_workers": w, "cells_per_s": round(cps),
+               "tokens_per_s": round(r["tokens"] / r["s"]), "baseline_cells_per_s": round(base["cells_per_s"]),
+               "speedup": round(cps / base["cells_per_s"], 2), "cells_per_s_per_worker": round(cps / max(w, 1)),
+               "encoding": args.encoding, "max_len": args.max_len, "batch_size": 12, "corpus": label,
+               "n_cells": r["cells"], "corpus_cells": r["corpus_cells"], "n_batches": r["batches"],
+               "tokens_per_cell": round(r["tokens"] / r["cells"], 1), "epoch_s": round(r["s"], 3),
+               "first_batch_s": round(r["first_batch_s"], 3), "baseline_cells": base["cells"],
+               "baseline_s": round(base["s"], 3), "baseline_tokens_per_cell": round(base["tokens_per_cell"], 1),
+               "nproc": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+        row["pass"] = {"cells_per_s_per_worker": row["cells_per_s_per_worker"] >= TARGETS["cells_per_s_per_worker"],
+                       "speedup": row["speedup"] >= TARGETS["speedup"]}
+        log(f"W={w}: {r['cells']:,} cells in {r['s']:.2f} s = {cps:,.0f} cells/s")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
