@@ -10,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.corpus import Corpus
 from scfm.data.batching import Batching
-from scfm.data.stream import CellStream, worker_init_fn
+from scfm.data.stream import CellStream, Encoded, worker_init_fn
 from scfm.errors import ScfmInputError
 
 
@@ -86,9 +86,10 @@ class CellDataModule(L.LightningDataModule):
             self.train_set.set_epoch(epoch)
 
     def _loader(self, dataset: CellStream) -> StatefulDataLoader:
-        return StatefulDataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                                  worker_init_fn=worker_init_fn if self.num_workers else None,
-                                  persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        dataset.lay_out_in_worker = not self.num_workers  # workers send numpy arrays; laid out here
+        return _Loader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                       worker_init_fn=worker_init_fn if self.num_workers else None,
+                       persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
 
     def train_dataloader(self) -> StatefulDataLoader:
         if self.train_set is None:
@@ -103,6 +104,17 @@ class CellDataModule(L.LightningDataModule):
         if self.val_fraction == 0 and self.split_column is None:
             return []
         return self._loader(self.val_set)
+
+
+class _Loader(StatefulDataLoader):
+    """Lays out the ``Encoded`` batches that loader workers send (see ``scfm.data.stream.Encoded``)."""
+
+    def __iter__(self):
+        return map(_lay_out, super().__iter__())
+
+
+def _lay_out(item: Any) -> Any:
+    return item.lay_out() if isinstance(item, Encoded) else item
 
 
 def _as_is(batch):
