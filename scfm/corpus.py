@@ -18,6 +18,7 @@ completes to the same bytes as a clean run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from scfm.vocab import Vocab, load_gene_map, modality_of, strip_version
 FORMAT = "scfm-corpus"
 FORMAT_VERSION = 1
 LABEL_ROLES = ("cell_type", "batch", "perturbation", "modality", "split")
+_STATS_BLOCK = 1 << 20  # tokens per gene-statistics update
 SHARD_ARRAYS = {"gene_ids": np.int32, "counts": np.int32, "offsets": np.int64}
 
 
@@ -317,6 +319,8 @@ class _ColumnMap:
     n_out_of_vocab: int
     oov_examples: list[str]
     n_duplicates: int
+    token_of_column: np.ndarray | None = None  # int32 token per source column (-1: dropped); None: not one-to-one
+    monotone: bool = False  # kept columns map to ascending tokens: remapped rows need no sort
 
 
 def _column_map(keys: np.ndarray, vocab: Vocab, policy: str, label: str, symbols: Sequence) -> _ColumnMap:
@@ -341,7 +345,35 @@ def _column_map(keys: np.ndarray, vocab: Vocab, policy: str, label: str, symbols
     col = np.searchsorted(uniq, tok)
     matrix = sp.csr_matrix((np.ones(len(keep), np.int32), (keep, col)), shape=(len(keys), len(uniq)))
     oov_examples = [str(k if isinstance(k, str) else s) for k, s in zip(keys[oov][:5], np.asarray(symbols)[oov][:5])]
-    return _ColumnMap(matrix, uniq, int(oov.sum()), oov_examples, n_dup)
+    cmap = _ColumnMap(matrix, uniq, int(oov.sum()), oov_examples, n_dup)
+    if len(keep) == len(uniq):  # each used token has one source column: remap indices, no sparse product
+        cmap.token_of_column = np.full(len(keys), -1, dtype=np.int32)
+        cmap.token_of_column[keep] = uniq[col]
+        kept = cmap.token_of_column[cmap.token_of_column >= 0]
+        cmap.monotone = bool(np.all(kept[1:] > kept[:-1]))
+    return cmap
+
+
+def _remap(X: sp.csr_matrix, cmap: _ColumnMap) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids, counts, indptr) of a validated chunk (canonical, no zeros): its in-vocabulary entries,
+    token ids ascending within each cell."""
+    if cmap.token_of_column is None:  # several columns add up into one token
+        Y = (X @ cmap.matrix).tocsr()
+        Y.eliminate_zeros()
+        Y.sort_indices()
+        return cmap.used_tokens[Y.indices].astype(np.int32), Y.data.astype(np.int32, copy=False), Y.indptr
+    tokens, counts, indptr = cmap.token_of_column[X.indices], X.data, X.indptr
+    if (cmap.token_of_column < 0).any():  # out-of-vocabulary (or dropped duplicate) columns
+        keep = tokens >= 0
+        kept = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept[1:])
+        tokens, counts, indptr = tokens[keep], counts[keep], kept[indptr]
+    if not cmap.monotone:
+        Y = sp.csr_matrix((counts, tokens, indptr), shape=(X.shape[0], int(tokens.max(initial=0)) + 1), copy=True)
+        Y.has_sorted_indices = False
+        Y.sort_indices()
+        tokens, counts, indptr = Y.indices.astype(np.int32, copy=False), Y.data, Y.indptr
+    return tokens, counts.astype(np.int32, copy=False), np.asarray(indptr, dtype=np.int64)
 
 
 class _ShardWriter:
@@ -394,8 +426,8 @@ class _ShardWriter:
         lengths = np.concatenate(self.lengths)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        arrays = {"gene_ids": np.concatenate(self.gene_ids).astype(np.int32),
-                  "counts": np.concatenate(self.counts).astype(np.int32), "offsets": offsets}
+        arrays = {"gene_ids": np.concatenate(self.gene_ids).astype(np.int32, copy=False),
+                  "counts": np.concatenate(self.counts).astype(np.int32, copy=False), "offsets": offsets}
         tmp = self.folder / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[]).memmap(tmp, num_threads=0)
@@ -577,20 +609,17 @@ def _write_source(spec: InputSpec, src, keys: np.ndarray, digest: str, vocab: Vo
     for chunk in src.iter_chunks(options.chunk_cells):
         X = chunk.counts
         totals = np.asarray(X.sum(axis=1), dtype=np.int64).ravel()
-        Y = (X @ cmap.matrix).tocsr()
-        Y.eliminate_zeros()
-        Y.sort_indices()
-        n_genes = np.diff(Y.indptr)
+        tokens, counts, indptr = _remap(X, cmap)
+        n_genes = np.diff(indptr)
         total_counts_all += int(totals.sum())
-        oov_counts += int(totals.sum() - Y.data.sum(dtype=np.int64))
+        oov_counts += int(totals.sum() - counts.sum(dtype=np.int64))
         empty = n_genes == 0
         if empty.any():
             if options.empty_cells == "error":
                 raise ScfmInputError(f"{int(empty.sum())} cells have no counts in vocabulary genes, e.g. "
                                      f"{list(chunk.obs.index[empty][:5])}", where=label,
                                      fix="filter empty cells first, or pass empty_cells=skip to drop them")
-            n_empty += int(empty.sum())
-            Y = Y[~empty]
+            n_empty += int(empty.sum())  # empty cells have no tokens: only the per-cell arrays shrink
             totals, n_genes = totals[~empty], n_genes[~empty]
         obs_in = chunk.obs.loc[~empty] if empty.any() else chunk.obs
         obs = pd.DataFrame({"cell_id": obs_in.index.astype(str), "source": name,
@@ -598,7 +627,7 @@ def _write_source(spec: InputSpec, src, keys: np.ndarray, digest: str, vocab: Vo
                             "split_key": split_key(obs_in.index.astype(str))})
         for role, col in options.columns.items():
             obs[role] = obs_in[col].astype(str).where(obs_in[col].notna(), None).to_numpy()
-        writer.add(cmap.used_tokens[Y.indices].astype(np.int32), Y.data.astype(np.int32), n_genes, obs)
+        writer.add(tokens, counts, n_genes, obs)
         n_kept += len(totals)
         progress.advance(task, len(chunk.obs))
     writer.flush()
@@ -624,9 +653,13 @@ def _write_gene_stats(staging: Path, manifest: dict[str, Any], vocab: Vocab, opt
         gene_ids, counts, offsets = (np.fromfile(folder / f"{k}.memmap", dtype=SHARD_ARRAYS[k]) for k in SHARD_ARRAYS)
         totals = pd.read_parquet(staging / "shards" / f"{meta['name']}.obs.parquet",
                                  columns=["total_counts"])["total_counts"].to_numpy(np.int64)
-        values = normalised_values(counts, offsets, totals)
-        acc.update(gene_ids, values, meta["n_cells"])
-        del gene_ids, counts, values
+        # blocks of ~1M tokens: small temporaries, reused by the allocator instead of page-faulted afresh
+        cuts = np.unique(np.r_[np.searchsorted(offsets, np.arange(0, offsets[-1], _STATS_BLOCK)), meta["n_cells"]])
+        for lo, hi in itertools.pairwise(cuts):
+            a, b = offsets[lo], offsets[hi]
+            values = normalised_values(counts[a:b], offsets[lo:hi + 1] - a, totals[lo:hi])
+            acc.update(gene_ids[a:b], values, int(hi - lo))
+        del gene_ids, counts
     stats = acc.result()
     stats.insert(1, "gene_id", list(vocab.specials) + list(vocab.gene_ids))
     stats.to_parquet(staging / "gene_stats.parquet.tmp", index=False)

@@ -58,7 +58,9 @@ class GeneStatsAccumulator:
         else:
             key = gene_ids.astype(np.int64) * self.bins
             key += self._bin(values)
-            self._hist += np.bincount(key, minlength=self.vocab_size * self.bins)
+            # add.at touches only the bins that occur; bincount(minlength=vocab × bins) allocates, zeroes and
+            # adds a whole vocab × bins array (268 MB for 32k genes) on every update
+            np.add.at(self._hist, key, 1)
 
     def _bin(self, values: np.ndarray) -> np.ndarray:
         pos = np.log10(values.astype(np.float32, copy=False))
@@ -83,16 +85,20 @@ class GeneStatsAccumulator:
             hi = starts[seen] + counts[seen] // 2
             out[seen] = (values[lo] + values[hi]) / 2
             return out
-        hist = self._hist.reshape(self.vocab_size, self.bins)
-        cum = np.cumsum(hist, axis=1)
-        n = cum[:, -1]
-        seen = n > 0
-        rows = np.nonzero(seen)[0]
         # the median of an even number of values is the mean of the two middle ones (as numpy.median and
-        # the exact estimator); each order statistic is placed inside its bin by rank, log-linearly
-        lower = self._order_statistic(hist[rows], cum[rows], (n[rows] - 1) // 2)
-        upper = self._order_statistic(hist[rows], cum[rows], n[rows] // 2)
-        out[seen] = (lower + upper) / 2
+        # the exact estimator); each order statistic is placed inside its bin by rank, log-linearly.
+        # Blocks of genes: the temporaries (cumsum, row copies) stay ~32 MB instead of several vocab × bins
+        hist_all = self._hist.reshape(self.vocab_size, self.bins)
+        step = max(1, (1 << 22) // self.bins)
+        for start in range(0, self.vocab_size, step):
+            hist = hist_all[start:start + step]
+            cum = np.cumsum(hist, axis=1)
+            n = cum[:, -1]
+            rows = np.nonzero(n > 0)[0]
+            if len(rows):
+                lower = self._order_statistic(hist[rows], cum[rows], (n[rows] - 1) // 2)
+                upper = self._order_statistic(hist[rows], cum[rows], n[rows] // 2)
+                out[start + rows] = (lower + upper) / 2
         return out
 
     def _order_statistic(self, hist: np.ndarray, cum: np.ndarray, rank: np.ndarray) -> np.ndarray:
