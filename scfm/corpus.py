@@ -592,8 +592,7 @@ def _write_source(spec: InputSpec, src, keys: np.ndarray, digest: str, vocab: Vo
                   ) -> tuple[dict[str, Any], np.ndarray]:
     label = str(src.path)
     cmap = _column_map(keys, vocab, options.duplicate_genes, label, list(src.var["symbol"]))
-    all_obs = src.read_obs()
-    _check_columns(src, options)
+    all_obs = src.read_obs()  # label columns were checked for every input before anything was written
     hashes = cell_hash(all_obs.index.astype(str))
     for previous in seen_hashes:
         clash = np.intersect1d(previous, hashes)

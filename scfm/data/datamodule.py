@@ -118,5 +118,5 @@ def _lay_out(item: Any) -> Any:
 
 
 def _as_is(batch):
-    """Batches arrive laid out already (``CellStream`` yields TensorDicts)."""
+    """``CellStream`` batches need no collation: TensorDicts, or ``Encoded`` arrays that ``_Loader`` lays out."""
     return batch

@@ -14,7 +14,7 @@ replays the plan and skips the served batches without reading them, then continu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -94,6 +94,8 @@ class CellStream(IterableDataset):
                                  f"(its label columns: {self.corpus.columns or 'none'})", where=str(self.corpus.path),
                                  fix="prepare with columns.<role>=<obs column> (e.g. columns.batch=sample), "
                                      "or drop them from data.conditions")
+        if "modality" in self.conditions:
+            self._modality_codes = self.corpus.vocab.modality_codes()
         if "perturbation" in self.conditions:
             vocab = self.corpus.vocab
             values = self.corpus.labels["perturbation"]
@@ -114,12 +116,9 @@ class CellStream(IterableDataset):
         cell = encoded.setdefault("cell", {})
         for role in self.conditions:
             if role == "modality":
-                encoded["modality"] = self.corpus.vocab.modality_codes()[encoded["gene_ids"]]
+                encoded["modality"] = self._modality_codes[encoded["gene_ids"]]
                 continue
-            codes = np.empty(len(cells), dtype=np.int64)
-            for s in np.unique(shards):
-                sel = shards == s
-                codes[sel] = self.label_codes(int(s), role)[cells[sel]]
+            codes = _gather_per_shard(lambda shard, role=role: self.label_codes(shard, role), shards, cells)
             cell[role] = codes
             if role == "perturbation":  # per token: is this gene the cell's perturbed gene?
                 target = np.where(codes >= 0, self._target_token[np.maximum(codes, 0)], -1)
@@ -203,41 +202,34 @@ class CellStream(IterableDataset):
         """
         workers = max(self.num_workers, 1)
         if self.batching.strategy == "packed":
-            return sum(len(self.plan(self.epoch, self.rank * workers + w, self.world_size * workers)[2])
+            return sum(len(self.plan(self.epoch, self.rank * workers + w, self.world_size * workers)[3])
                        for w in range(workers))
         total = sum(int(self.members(s).sum()) for s in range(self.corpus.n_shards))
         per_rank = total // self.world_size
         shares = [(w + 1) * per_rank // workers - w * per_rank // workers for w in range(workers)]
         return sum(self.batching.n_batches(n) for n in shares)
 
-    def plan(self, epoch: int, consumer: int, n_consumers: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """(shard, index-in-shard) of the consumer's cells and the batches as positions into them."""
+    def plan(self, epoch: int, consumer: int, n_consumers: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(shard, index-in-shard, encoded length) of the consumer's cells, and the batches as positions
+        into them."""
         shards, cells = self.cell_order(epoch, consumer, n_consumers)
-        lengths = self.cell_lengths(shards, cells)
-        return shards, cells, list(self.batching.plan(cells, lengths, self.encoding.max_len))
-
-    def cell_lengths(self, shards: np.ndarray, cells: np.ndarray) -> np.ndarray:
-        """Encoded length of each given cell."""
-        lengths = np.zeros(len(cells), dtype=np.int64)
-        for s in np.unique(shards):
-            sel = shards == s
-            lengths[sel] = self.lengths(int(s))[cells[sel]]
-        return lengths
+        lengths = _gather_per_shard(self.lengths, shards, cells)
+        return shards, cells, lengths, list(self.batching.plan(cells, lengths, self.encoding.max_len))
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         consumer, n_consumers = self.consumer()
         epoch, skip = self.epoch, self._skip
         self._skip, self._served = 0, 0
-        shards, cells, batches = self.plan(epoch, consumer, n_consumers)
+        shards, cells, cell_lengths, batches = self.plan(epoch, consumer, n_consumers)
         base = np.concatenate([[0], np.cumsum(self.corpus.shard_sizes)])
         strategy = "packed" if self.batching.strategy == "packed" else "padded"
         b = self._served = min(skip, len(batches))
         send_arrays = get_worker_info() is not None and not self.lay_out_in_worker
         sizes = np.array([len(x) for x in batches], dtype=np.int64)
         order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
-        lengths = self.cell_lengths(shards[order], cells[order])
-        tokens = np.add.reduceat(lengths, np.cumsum(sizes) - sizes) if len(order) else sizes
+        tokens = np.add.reduceat(cell_lengths[order], np.cumsum(sizes) - sizes) if len(order) else sizes
         while b < len(batches):
             # a block of consecutive batches is read and encoded at once (cells are encoded independently,
             # so the result does not depend on the grouping), then laid out batch by batch
@@ -257,11 +249,6 @@ class CellStream(IterableDataset):
                 self._served = j + 1  # count before yielding: the loader snapshots state right after a yield
                 yield loaded
             b = end
-
-    def load(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int):
-        """Read, encode and lay out the given cells (in this order)."""
-        strategy = "packed" if self.batching.strategy == "packed" else "padded"
-        return collate(self.encode_cells(shards, cells, base, epoch), strategy)
 
     def encode_cells(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int) -> dict[str, Any]:
         """Read and encode the given cells (in this order): flat per-token arrays, ``offsets`` and ``cell``."""
@@ -296,6 +283,15 @@ class CellStream(IterableDataset):
         if self.conditions:
             self._add_conditions(encoded, shards, cells)
         return encoded
+
+
+def _gather_per_shard(per_shard: Callable[[int], np.ndarray], shards: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """``per_shard(s)[cell]`` for each (shard, cell) pair: one gather per shard."""
+    out = np.empty(len(cells), dtype=np.int64)
+    for s in np.unique(shards):
+        sel = shards == s
+        out[sel] = per_shard(int(s))[cells[sel]]
+    return out
 
 
 def _cell_slice(encoded: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
