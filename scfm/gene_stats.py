@@ -19,11 +19,10 @@ import pandas as pd
 TARGET_SUM = 10_000.0
 
 
-def normalised_values(counts: np.ndarray, offsets: np.ndarray, totals: np.ndarray,
-                      dtype: type = np.float64) -> np.ndarray:
-    """count / cell total × 10,000 for every token of a block of cells."""
-    scale = (TARGET_SUM / totals.astype(np.float64)).astype(dtype)
-    return counts.astype(dtype) * np.repeat(scale, np.diff(offsets))
+def normalised_values(counts: np.ndarray, offsets: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """count / cell total × 10,000 for every token of a block of cells (float64)."""
+    scale = TARGET_SUM / totals.astype(np.float64)
+    return counts.astype(np.float64) * np.repeat(scale, np.diff(offsets))
 
 
 @dataclass
