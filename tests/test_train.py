@@ -73,7 +73,8 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, cache_dir, batchin
 def test_build_derives_vocab_size_from_the_corpus(tmp_path, cache_dir, pbmc_corpus):
     _dm, module = build(config(tmp_path))
     assert module.config.vocab_size == len(pbmc_corpus.vocab)
-    assert module.hparams.mask_id == pbmc_corpus.vocab.special_id("<mask>")
+    assert module.hparams.data["mask_id"] == pbmc_corpus.vocab.special_id("<mask>")
+    assert module.hparams.data["first_gene_id"] == pbmc_corpus.vocab.n_special
 
 
 def test_wandb_logger_runs_offline_without_an_account(tmp_path, cache_dir, monkeypatch):

@@ -39,16 +39,21 @@ def build_datamodule(cfg: DictConfig) -> Any:
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate (datamodule, lightning module) from a composed config; prepares built-in data if needed."""
+    """Instantiate (datamodule, lightning module) from a composed config; prepares built-in data if needed.
+
+    The objective gets ``model`` (the architecture config as a dict, sized to the corpus's vocabulary) and
+    ``data`` (:func:`scfm.objectives.base.data_facts`: special-token ids, label counts, encoding facts).
+    """
     from hydra.utils import instantiate
+
+    from scfm.objectives.base import data_facts
 
     validate(cfg)
     datamodule = build_datamodule(cfg)
     vocab = datamodule.vocab
     model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"))
-    module = instantiate(cfg.objective, _convert_="all", model=dataclasses.asdict(model_cfg),
-                         mask_id=vocab.special_id("<mask>"),
-                         first_gene_id=vocab.n_special)
+    facts = data_facts(vocab, datamodule.corpus.labels, datamodule.encoding)
+    module = instantiate(cfg.objective, _convert_="all", model=dataclasses.asdict(model_cfg), data=facts)
     return datamodule, module
 
 

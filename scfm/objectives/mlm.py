@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from scfm.model.bert import BertConfig, BertForMaskedGeneModeling
+from scfm.objectives.base import PretrainingModule, warmup_schedule
+
+__all__ = ["IGNORE", "MaskedGeneModeling", "mask_genes", "warmup_schedule"]
 
 IGNORE = -100
 
@@ -30,20 +31,19 @@ def mask_genes(gene_ids: Tensor, maskable: Tensor, generator: torch.Generator, m
     return torch.where(swap, rand, inputs), labels
 
 
-class MaskedGeneModeling(L.LightningModule):
+class MaskedGeneModeling(PretrainingModule):
     """BERT encoder + MLM head trained to recover masked genes of rank-encoded cells.
 
-    Masking is drawn from a generator seeded by (seed, epoch, batch index, rank), so a resumed run masks
-    exactly as the uninterrupted one. Logs loss, masked-gene accuracy and the accuracy of always
-    predicting the most frequent masked gene seen so far (``freq_baseline_acc``).
+    Logs loss, masked-gene accuracy and the accuracy of always predicting the most frequent masked gene
+    seen so far in training (``freq_baseline_acc``).
     """
 
-    def __init__(self, model: dict[str, Any], mask_prob: float = 0.15, mask_ratio: float = 0.8,
-                 random_ratio: float = 0.1, mask_id: int = 1, first_gene_id: int = 2, lr: float = 1e-3,
-                 weight_decay: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000,
-                 scheduler: str = "linear", total_steps: int | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+    def __init__(self, model: dict[str, Any], data: dict[str, Any], mask_prob: float = 0.15, mask_ratio: float = 0.8,
+                 random_ratio: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.001,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000, scheduler: str = "linear",
+                 total_steps: int | None = None, seed: int = 0) -> None:
+        super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         scheduler=scheduler, total_steps=total_steps, seed=seed)
         self.config = BertConfig(**model)
         self.model = BertForMaskedGeneModeling(self.config)
         self.register_buffer("label_counts", torch.zeros(self.config.vocab_size, dtype=torch.long))
@@ -51,21 +51,15 @@ class MaskedGeneModeling(L.LightningModule):
     def forward(self, batch: Any) -> dict[str, Tensor]:
         return self.model(batch)
 
-    def _generator(self, batch_idx: int, stage: str) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        salt = {"train": 0, "val": 1, "test": 2}[stage]
-        g.manual_seed(hash((self.hparams.seed, self.current_epoch, batch_idx, self.global_rank, salt)) & (2**62 - 1))
-        return g
-
-    def _step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
-        hp = self.hparams
+    def step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+        hp, data = self.hparams, self.hparams.data
         gene_ids = batch["gene_ids"]
-        maskable = gene_ids >= hp.first_gene_id
+        maskable = gene_ids >= data["first_gene_id"]
         padding_mask = batch.get("padding_mask", None)
         if padding_mask is not None:
             maskable &= padding_mask
-        inputs, labels = mask_genes(gene_ids, maskable, self._generator(batch_idx, stage), hp.mask_id,
-                                    hp.first_gene_id, self.config.vocab_size, hp.mask_prob, hp.mask_ratio,
+        inputs, labels = mask_genes(gene_ids, maskable, self.generator(batch_idx, stage), data["mask_id"],
+                                    data["first_gene_id"], self.config.vocab_size, hp.mask_prob, hp.mask_ratio,
                                     hp.random_ratio)
         hidden = self.model.encode({**dict(batch.items()), "gene_ids": inputs})
         picked = labels != IGNORE
@@ -77,50 +71,6 @@ class MaskedGeneModeling(L.LightningModule):
         if stage == "train":
             self.label_counts += torch.bincount(target, minlength=self.config.vocab_size)
         baseline = (target == self.label_counts.argmax()).float().sum() / n
-        bs = int(batch["lengths"].numel())
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
-        self.log(f"{stage}/masked_acc", acc, prog_bar=stage == "val", batch_size=bs, sync_dist=stage != "train")
-        self.log(f"{stage}/freq_baseline_acc", baseline, batch_size=bs, sync_dist=stage != "train")
+        self.log_metrics(stage, {"loss": loss, "masked_acc": acc, "freq_baseline_acc": baseline},
+                         self.batch_size_of(batch), prog_bar=("loss", "masked_acc") if stage == "val" else ("loss",))
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, batch_idx, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, batch_idx, "val")
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        total = hp.total_steps
-        if total is None and self.trainer is not None:
-            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        schedule = warmup_schedule(hp.scheduler, hp.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class _Schedule:
-    """Linear warm-up, then ``linear`` / ``cosine`` decay to 0 at ``total`` steps, or ``constant``."""
-
-    def __init__(self, kind: str, warmup: int, total: float | None) -> None:
-        if kind not in ("linear", "cosine", "constant"):
-            raise ValueError(f"objective.scheduler must be linear, cosine or constant, not {kind!r}")
-        self.kind, self.warmup = kind, max(int(warmup), 0)
-        self.total = total if total is not None and math.isfinite(total) and total > 0 else None
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.kind == "constant" or self.total is None:
-            return 1.0
-        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
-        return 1.0 - progress if self.kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_schedule(kind: str, warmup: int, total: float | None) -> _Schedule:
-    """Multiplier of the learning rate per optimiser step (for ``LambdaLR``)."""
-    return _Schedule(kind, warmup, total)

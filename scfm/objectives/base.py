@@ -1,0 +1,162 @@
+"""What every pretraining objective shares: data facts, seeded masking draws, AdamW + warm-up, a NaN guard.
+
+An objective is a LightningModule built by ``scfm-train`` as
+``instantiate(cfg.objective, model=<architecture config as a dict>, data=<data facts>)``, where the data
+facts (:func:`data_facts`) are plain values taken from the corpus and encoding: token ids of the specials,
+vocabulary size, label-vocabulary sizes. Both dicts are saved as hyper-parameters, so a checkpoint rebuilds
+its module without the corpus.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from scfm.errors import ScfmInputError
+
+__all__ = ["NonFiniteLossError", "PretrainingModule", "data_facts", "warmup_schedule"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient; the optimiser step was not taken."""
+
+
+def data_facts(vocab: Any, labels: dict[str, list[str]] | None = None, encoding: Any = None) -> dict[str, Any]:
+    """Plain facts about the data an objective needs to size and feed its model.
+
+    Keys: ``vocab_size``, ``pad_id``, ``mask_id``, ``cls_id``, ``eos_id`` (-1 where the vocabulary lacks the
+    token), ``first_gene_id``, ``n_labels`` ({role: number of labels}), ``n_modalities``, ``encoding`` (the
+    encoding's class name) and, when the encoding has them, ``n_bins`` and ``max_len``.
+    """
+    from scfm.vocab import MODALITIES
+
+    def special(token: str) -> int:
+        return vocab.specials.index(token) if token in vocab.specials else -1
+
+    facts: dict[str, Any] = {
+        "vocab_size": len(vocab), "pad_id": special("<pad>"), "mask_id": special("<mask>"),
+        "cls_id": special("<cls>"), "eos_id": special("<eos>"), "first_gene_id": vocab.n_special,
+        "n_labels": {role: len(values) for role, values in (labels or {}).items()},
+        "n_modalities": len(MODALITIES),
+        "encoding": type(encoding).__name__ if encoding is not None else None,
+    }
+    for key in ("n_bins", "max_len"):
+        value = getattr(encoding, key, None)
+        if isinstance(value, int):
+            facts[key] = value
+    return facts
+
+
+class PretrainingModule(L.LightningModule):
+    """Base of the pretraining objectives.
+
+    Subclasses build their model from ``self.hparams.model`` / ``self.hparams.data`` and implement
+    :meth:`step` (``batch, batch_idx, stage -> loss``), logging through :meth:`log_metrics`.
+    Provides: :meth:`generator` (masking draws seeded by seed, epoch, batch index, rank and stage, so a
+    resumed run masks exactly as the uninterrupted one), AdamW with weight decay on matrices only and a
+    warm-up schedule, and a guard that stops training with :class:`NonFiniteLossError` before an optimiser
+    step would apply a NaN/inf gradient (so parameters and the last checkpoint stay good).
+    """
+
+    def __init__(self, model: dict[str, Any], data: dict[str, Any], lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "linear",
+                 total_steps: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # also collects the subclass's __init__ arguments
+        if scheduler not in _Schedule.KINDS:
+            raise ScfmInputError(f"unknown scheduler {scheduler!r}", where="objective.scheduler",
+                                 fix=f"use one of: {', '.join(_Schedule.KINDS)}")
+        self._last_loss: float | None = None
+
+    # -- what subclasses implement -----------------------------------------------------------------
+    def step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+        """Loss of one batch; ``stage`` is ``train``, ``val`` or ``test``."""
+        raise NotImplementedError
+
+    # -- shared machinery --------------------------------------------------------------------------
+    def generator(self, batch_idx: int, stage: str) -> torch.Generator:
+        """A generator seeded by (seed, epoch, batch index, rank, stage) on the module's device."""
+        g = torch.Generator(device=self.device)
+        salt = {"train": 0, "val": 1, "test": 2, "predict": 3}[stage]
+        g.manual_seed(hash((self.hparams.seed, self.current_epoch, batch_idx, self.global_rank, salt)) & (2**62 - 1))
+        return g
+
+    def log_metrics(self, stage: str, metrics: dict[str, Tensor | float], batch_size: int,
+                    prog_bar: tuple[str, ...] = ("loss",)) -> None:
+        """Log ``{stage}/{name}`` for each metric (synchronised across processes outside training)."""
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in prog_bar, batch_size=batch_size,
+                     sync_dist=stage != "train")
+
+    @staticmethod
+    def batch_size_of(batch: Any) -> int:
+        """Number of cells in a batch (padded or packed)."""
+        return int(batch["lengths"].numel())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.step(batch, batch_idx, "train")
+        self._last_loss = float(loss.detach())
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.step(batch, batch_idx, "test")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the parameters (gradients are synchronised here)."""
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for p in self.parameters():
+            if p.grad is not None:
+                finite &= torch.isfinite(p.grad).all()
+        if not bool(finite):
+            loss = self._last_loss
+            raise NonFiniteLossError(
+                f"non-finite {'loss' if loss is None or not math.isfinite(loss) else 'gradient'} at step "
+                f"{self.global_step} (epoch {self.current_epoch}; last loss {loss}). Training stopped before the "
+                "optimiser step; parameters are unchanged and the last checkpoint was written before this step. "
+                "Fix: lower objective.lr or raise objective.warmup_steps, keep trainer.gradient_clip_val, use "
+                "precision=bf16-mixed instead of 16-mixed, or check the data for extreme values; then resume=last.")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = hp.total_steps
+        if total is None and self.trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(hp.scheduler, hp.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _Schedule:
+    """Linear warm-up, then ``linear`` / ``cosine`` decay to 0 at ``total`` steps, or ``constant``."""
+
+    KINDS = ("linear", "cosine", "constant")
+
+    def __init__(self, kind: str, warmup: int, total: float | None) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"objective.scheduler must be linear, cosine or constant, not {kind!r}")
+        self.kind, self.warmup = kind, max(int(warmup), 0)
+        self.total = total if total is not None and math.isfinite(total) and total > 0 else None
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant" or self.total is None:
+            return 1.0
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return 1.0 - progress if self.kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_schedule(kind: str, warmup: int, total: float | None) -> _Schedule:
+    """Multiplier of the learning rate per optimiser step (for ``LambdaLR``)."""
+    return _Schedule(kind, warmup, total)
