@@ -51,8 +51,9 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     validate(cfg)
     datamodule = build_datamodule(cfg)
     vocab = datamodule.vocab
-    model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"))
     facts = data_facts(vocab, datamodule.corpus.labels, datamodule.encoding)
+    model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"),
+                            conditions=list(cfg.data.get("conditions") or []), n_labels=facts["n_labels"])
     module = instantiate(cfg.objective, _convert_="all", model=dataclasses.asdict(model_cfg), data=facts)
     return datamodule, module
 

@@ -12,7 +12,7 @@ sub-names: ``attention.self.query``, ``attention.output.dense``, ``intermediate.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError
 from scfm.model.attention import Layout, get_kernel
+from scfm.model.embeddings import ConditionEmbedding, check_value_embedding, embed_values, value_embedding
 
 __all__ = [
     "ACTIVATIONS",
@@ -63,6 +64,10 @@ class BertConfig:
     pad_id: int = 0
     attention: str = "sdpa"
     initializer_range: float = 0.02
+    value_embedding: str = "none"  # none (rank: positions) / bins / mlp / autodiscretize (scfm.model.embeddings)
+    n_bins: int = 51
+    conditions: list[str] = field(default_factory=list)  # batch / modality / perturbation vectors summed in
+    n_labels: dict[str, int] = field(default_factory=dict)  # labels per condition role (from the corpus)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_position"):
@@ -94,6 +99,7 @@ class BertConfig:
                 where="BertConfig.activation",
                 fix=f"use one of: {', '.join(sorted(ACTIVATIONS))}",
             )
+        check_value_embedding(self.value_embedding, "BertConfig.value_embedding")
         get_kernel(self.attention)  # unknown or unavailable kernels raise with the valid names and the fix
 
     @property
@@ -103,18 +109,32 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
-    """Gene-id embedding + learned absolute position embedding (from ``positions``), LayerNorm, dropout."""
+    """Gene-id embedding + learned absolute position embedding (from ``positions``) [+ value embedding]
+    [+ condition embeddings], LayerNorm, dropout."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden, padding_idx=config.pad_id)
         self.position_embeddings = nn.Embedding(config.max_position, config.hidden)
+        self.value_kind = config.value_embedding
+        self.value_embeddings = value_embedding(config.value_embedding, config.hidden, n_bins=config.n_bins,
+                                                dropout=config.dropout)
+        self.condition_embeddings = (ConditionEmbedding(config.hidden, config.conditions, config.n_labels)
+                                     if config.conditions else None)
         self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, gene_ids: Tensor, positions: Tensor) -> Tensor:
-        """gene_ids, positions: [B, L] -> [B, L, H]."""
+    def forward(self, gene_ids: Tensor, positions: Tensor, batch: Mapping[str, Any] | Any = None) -> Tensor:
+        """gene_ids, positions: [B, L] -> [B, L, H]; ``batch`` supplies value / condition inputs when configured."""
         x = self.word_embeddings(gene_ids) + self.position_embeddings(positions)  # [B, L, H]
+        if batch is not None:
+            values = embed_values(self.value_embeddings, self.value_kind, batch)
+            if values is not None:
+                x = x + values
+            if self.condition_embeddings is not None:
+                cond = self.condition_embeddings(batch, gene_ids.shape)
+                if cond is not None:
+                    x = x + cond
         return self.dropout(self.LayerNorm(x))
 
 
@@ -282,7 +302,7 @@ class BertForMaskedGeneModeling(nn.Module):
     def encode(self, batch: Mapping[str, Any] | Any, layout: Layout | None = None) -> Tensor:
         """Final hidden states [B, L, hidden]."""
         layout = Layout.from_batch(batch) if layout is None else layout
-        x = self.embeddings(batch["gene_ids"], batch["positions"])  # [B, L, hidden]
+        x = self.embeddings(batch["gene_ids"], batch["positions"], batch)  # [B, L, hidden]
         return self.encoder(x, layout)
 
     def forward(self, batch: Mapping[str, Any] | Any) -> dict[str, Tensor]:
