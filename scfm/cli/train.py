@@ -25,6 +25,19 @@ def validate(cfg: DictConfig) -> None:
             "_target_", "").endswith("RankEncoding"):
         raise ScfmInputError("objective=mlm predicts gene ids and needs encoding=rank",
                              where="config groups objective + encoding", fix="use encoding=rank or rank_v2")
+    _objective_checks(cfg)
+
+
+def _objective_checks(cfg: DictConfig) -> None:
+    """Run the objective class's own ``check_config(cfg)`` (a staticmethod), if it has one."""
+    target = cfg.objective.get("_target_")
+    if not target:
+        return
+    from hydra.utils import get_class
+
+    check = getattr(get_class(target), "check_config", None)
+    if check is not None:
+        check(cfg)
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
