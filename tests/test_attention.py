@@ -298,6 +298,38 @@ def test_flex_matches_eager_on_gpu(name: str) -> None:
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not attention.flash_available(), reason="needs CUDA and flash-attn (pip install 'scfm[gpu]')")
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if "generative" not in n])
+def test_flash_matches_eager_on_gpu(name: str) -> None:
+    """flash runs in bfloat16: compare with eager in float32 at bf16 tolerance, outputs and gradients."""
+    layout = LAYOUTS[name]()
+    dev = torch.device("cuda")
+    for f in ("padding_mask", "doc_ids", "cu_seqlens", "known"):
+        if getattr(layout, f) is not None:
+            setattr(layout, f, getattr(layout, f).to(dev))
+    B, L = shape_of(layout)
+    q1, k1, v1 = (t.detach().to(dev).requires_grad_() for t in qkv(B, L, torch.float32))
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q1, k1, v1))
+    out, ref = attention.flash_attend(q1, k1, v1, layout), eager_attend(q2, k2, v2, layout)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    real = real_rows(layout, B, L).to(dev)
+    (out * real).sum().backward()
+    (ref * real).sum().backward()
+    for a, b in ((q1, q2), (k1, k2), (v1, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not attention.flash_available(), reason="needs CUDA and flash-attn (pip install 'scfm[gpu]')")
+def test_flash_refuses_the_generative_mask() -> None:
+    layout = LAYOUTS["padded+generative"]()
+    q, k, v = (t.cuda() for t in qkv(*shape_of(layout), torch.float32))
+    layout.padding_mask, layout.known = layout.padding_mask.cuda(), layout.known.cuda()
+    with pytest.raises(ScfmInputError, match="generative"):
+        attention.flash_attend(q, k, v, layout)
+
+
 # ---------------------------------------------------------------- performer
 
 
@@ -387,9 +419,11 @@ def test_performer_key_dropout_is_unbiased_on_average() -> None:
 
 
 def test_registry() -> None:
-    assert set(KERNELS) == {"eager", "sdpa", "flex", "performer"}
-    assert set(EXACT_KERNELS) == {"eager", "sdpa", "flex"}
-    with pytest.raises(ScfmInputError, match="flash-attn needs CUDA and the `gpu` extra"):
-        get_kernel("flash")
+    assert set(KERNELS) - {"flash"} == {"eager", "sdpa", "flex", "performer"}
+    assert set(EXACT_KERNELS) == {"eager", "sdpa", "flex", "flash"}
+    assert ("flash" in KERNELS) == attention.flash_available()
+    if not attention.flash_available():
+        with pytest.raises(ScfmInputError, match="flash-attn needs CUDA and the `gpu` extra"):
+            get_kernel("flash")
     with pytest.raises(ScfmInputError, match="exact kernels eager, sdpa, flex or the approximate performer"):
         get_kernel("nope")
