@@ -1,0 +1,1 @@
+"""Converters from published checkpoint layouts (Geneformer / HF BERT, ...) to scfm models."""
