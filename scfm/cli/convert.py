@@ -76,6 +76,15 @@ CONVERTERS: dict[str, Converter] = {
 """Sub-commands of ``scfm-convert``; other converters add themselves here."""
 
 
+def _register_others() -> None:
+    from scfm.convert.scgpt import register as register_scgpt
+
+    register_scgpt(CONVERTERS)
+
+
+_register_others()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scfm-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
