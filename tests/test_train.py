@@ -87,6 +87,12 @@ def test_wandb_logger_runs_offline_without_an_account(tmp_path, cache_dir, monke
     assert runs and any(runs[0].rglob("*.wandb"))
 
 
+def test_tensorboard_logger_writes_events(tmp_path, cache_dir):
+    pytest.importorskip("tensorboard")
+    train(config(tmp_path, "logger=tensorboard", "trainer.max_steps=2", "trainer.limit_val_batches=0"))
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 def test_synthetic_data_trains_with_packed_batches(tmp_path, cache_dir):
     result = train(config(tmp_path, "data=synthetic", "data.builtin_params.n_cells=600",
                           "data.builtin_params.n_genes=300", "batching=packed", "trainer.max_steps=3"))

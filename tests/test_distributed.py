@@ -1,0 +1,150 @@
+"""Multi-process training: 2-process DDP on the CPU (gloo) equals the same global batch in one process.
+
+Why not "1 process, batch 16" vs "2 processes, batch 8": under DDP each rank streams its own contiguous share of
+the epoch's cells with its own shuffle window (``CellStream.cell_order``), masks with a generator seeded by its
+rank (``PretrainingModule.generator``), and averages its loss over its own masked tokens; DDP then averages the
+two ranks' gradients. A 16-cell batch in one process would hold other cells, other masks and a token-weighted
+mean. The single-process computation that *is* the same maths is gradient accumulation over the two ranks'
+batches: micro-batch 2k is rank 0's batch k, micro-batch 2k+1 rank 1's (each masked as that rank would), with
+Lightning dividing each loss by 2 -- exactly DDP's average of gradients. That is the reference here, so losses and
+final weights can be compared closely (up to the order of floating-point sums in gloo's all-reduce).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import scfm.cli.train as train_cli
+from scfm.cli import conf_dir
+from scfm.objectives.base import PretrainingModule
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+OVERRIDES = ["experiment=demo", "model.layers=1", "model.hidden=32", "model.ffn=64", "model.heads=2",
+             "model.dropout=0", "model.attention_dropout=0", "encoding.max_len=64", "batching.batch_size=8",
+             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+             "trainer.limit_val_batches=0", f"trainer.max_steps={STEPS}", f"checkpoint_every_n_steps={STEPS}",
+             "logger=csv"]
+
+
+def run_cli(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m scfm.cli.train <overrides>`` in a subprocess (same SCFM_CACHE), output captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "scfm.cli.train", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def step_losses(run_dir: Path) -> pd.Series:
+    df = pd.read_csv(run_dir / "metrics.csv")
+    return df.dropna(subset=["train/loss"]).groupby("step")["train/loss"].last()
+
+
+class _Interleaved:
+    """Rank 0's batch k, then rank 1's batch k, for every k: one process seeing what two DDP ranks see."""
+
+    def __init__(self, rank0, rank1) -> None:
+        self.loaders = rank0, rank1
+
+    def __len__(self) -> int:
+        return 2 * min(len(x) for x in self.loaders)
+
+    def __iter__(self):
+        for a, b in zip(*self.loaders):
+            yield a
+            yield b
+
+
+def _as_two_ranks(build):
+    """Wrap ``scfm.cli.train.build``: the train loader interleaves the 2-rank streams, and micro-batch ``j`` is
+    masked as rank ``j % 2`` masks its batch ``j // 2``. Records every micro-batch's loss."""
+    losses: dict[int, float] = {}
+
+    def wrapped(cfg):
+        datamodule, module = build(cfg)
+        wrapped.module = module
+        streams = []
+        for rank in (0, 1):  # the shares DDP ranks get: CellDataModule.setup reads world size / rank from the trainer
+            datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            datamodule.setup("fit")
+            streams.append(datamodule._loader(datamodule.train_set))
+        datamodule.trainer = None
+        datamodule.train_dataloader = lambda: _Interleaved(*streams)
+
+        def generator(batch_idx: int, stage: str) -> torch.Generator:
+            as_rank = SimpleNamespace(hparams=module.hparams, current_epoch=module.current_epoch,
+                                      global_rank=batch_idx % 2, device=module.device)
+            return PretrainingModule.generator(as_rank, batch_idx // 2, stage)
+
+        step = module.step
+
+        def recorded(batch, batch_idx: int, stage: str):
+            loss = step(batch, batch_idx, stage)
+            if stage == "train":
+                losses[batch_idx] = float(loss.detach())
+            return loss
+
+        module.generator, module.step = generator, recorded
+        return datamodule, module
+
+    return wrapped, losses
+
+
+# ~40 s on 2 idle cores (two fresh interpreters: Lightning relaunches the CLI for rank 1; plus the reference run)
+def test_two_cpu_processes_with_gloo_match_one_process_with_the_same_global_batch(tmp_path, pbmc_corpus,
+                                                                                   monkeypatch):
+    ddp_dir = tmp_path / "ddp"
+    proc = run_cli(*OVERRIDES, "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                   f"hydra.run.dir={ddp_dir}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "distributed_backend=gloo" in proc.stdout + proc.stderr
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+
+    wrapped, micro = _as_two_ranks(train_cli.build)
+    monkeypatch.setattr(train_cli, "build", wrapped)
+    ref_dir = tmp_path / "one_process"
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*OVERRIDES, "trainer.accumulate_grad_batches=2",
+                                          f"paths.output_dir={ref_dir}"])
+    train_cli.train(cfg)
+
+    ddp = step_losses(ddp_dir)  # rank 0's loss at each optimiser step
+    assert list(ddp.index) == list(range(STEPS))
+    rank0 = torch.tensor([micro[2 * k] for k in range(STEPS)], dtype=torch.float64)
+    rank1 = torch.tensor([micro[2 * k + 1] for k in range(STEPS)], dtype=torch.float64)
+    assert not torch.allclose(rank0, rank1, atol=1e-3)  # the ranks do see different cells
+    torch.testing.assert_close(torch.tensor(ddp.values, dtype=torch.float64), rank0, rtol=0, atol=1e-5)
+
+    a = torch.load(ddp_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == STEPS
+    params = [name for name, _ in wrapped.module.named_parameters()]  # buffers (metric counters) stay per rank
+    assert len(params) > 5
+    for name in params:
+        torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], rtol=0, atol=1e-6, msg=name)
+    print("max |DDP - reference| over parameters:",
+          max(float((a["state_dict"][n] - b["state_dict"][n]).abs().max()) for n in params))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("strategy", "precision"), [("single", "bf16-mixed"), ("ddp", "16-mixed"),
+                                                     ("fsdp", "bf16-mixed"), ("deepspeed_stage_2", "bf16-mixed"),
+                                                     ("deepspeed_stage_3_offload", "32")])
+def test_gpu_strategies_and_precisions_train_and_checkpoint(tmp_path, pbmc_corpus, strategy, precision):
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the `gpu` extra is not installed")
+    run = tmp_path / "run"
+    proc = run_cli(*OVERRIDES, f"strategy={strategy}", f"precision={precision}", "trainer.accelerator=gpu",
+                   "trainer.devices=1", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (run / "checkpoints" / "last.ckpt").exists()  # a folder for deepspeed
+    assert list(step_losses(run).index) == list(range(STEPS))

@@ -1,0 +1,151 @@
+"""Faults: a run killed with SIGKILL resumes with bitwise the same losses; checkpoint writes survive a kill; a NaN
+stops training with a clear message and leaves the last good checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from scfm.cli import conf_dir
+from scfm.cli.train import train
+from scfm.errors import ScfmInputError
+from scfm.training import AtomicCheckpointIO, stale_checkpoint_parts
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=demo", "model.layers=1", "model.hidden=32", "model.ffn=64", "model.heads=2",
+        "encoding.max_len=64", "batching.batch_size=8", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+        "logger=csv"]
+
+
+def config(out: Path, *overrides: str):
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        return compose("train", overrides=[*TINY, f"paths.output_dir={out}", *overrides])
+
+
+def losses(run_dir: Path) -> pd.Series:
+    df = pd.read_csv(run_dir / "metrics.csv")
+    return df.dropna(subset=["train/loss"]).groupby("step")["train/loss"].last()
+
+
+def cli(*overrides: str, code: str = "") -> list[str]:
+    """Command line of ``scfm-train <overrides>`` in a fresh interpreter, after running ``code`` (a patch)."""
+    script = f"{code}\nimport sys\nsys.argv = ['scfm-train', *{list(overrides)!r}]\n" \
+             "from scfm.cli.train import main\nmain()\n"
+    return [sys.executable, "-c", script]
+
+
+@pytest.mark.slow  # three training launches, one a subprocess: ~45 s on 2 cores (test_train covers resume in-process)
+def test_sigkilled_run_resumes_with_bitwise_equal_losses(tmp_path, pbmc_corpus):
+    steps = 24
+    common = [f"trainer.max_steps={steps}", "checkpoint_every_n_steps=2"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cli(*TINY, *common, f"hydra.run.dir={killed}"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before the kill:\n{err[-3000:]}"
+    saved = torch.load(last, weights_only=False)  # whole, even if the kill landed in a later save
+    assert 2 <= saved["global_step"] < steps and saved["global_step"] % 2 == 0
+
+    train(config(killed, *common, "resume=last"))  # same output dir: resume=last finds checkpoints/last.ckpt
+    full = tmp_path / "full"
+    train(config(full, *common))
+
+    resumed, reference = losses(killed), losses(full)
+    assert list(resumed.index) == list(range(saved["global_step"], steps))
+    assert resumed.to_numpy().tobytes() == reference.loc[resumed.index].to_numpy().tobytes()  # bitwise
+    final = torch.load(last, weights_only=False)["state_dict"]
+    for name, weight in torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].items():
+        assert torch.equal(final[name], weight), name
+
+
+def test_resume_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(ScfmInputError, match=r"no checkpoint at .*last\.ckpt(.|\n)*paths\.output_dir"):
+        train(config(tmp_path, "resume=last"))
+    with pytest.raises(ScfmInputError, match="no checkpoint at"):
+        train(config(tmp_path, f"resume={tmp_path / 'nope.ckpt'}"))
+
+
+def test_checkpoint_write_interrupted_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died after writing the bytes, before renaming them
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert not stale_checkpoint_parts(path.parent)  # the partial file was removed
+    io.save_checkpoint({"global_step": 3, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 3
+
+
+_SAVE_FOREVER = """
+import sys, torch
+from scfm.training import AtomicCheckpointIO
+io, path, step = AtomicCheckpointIO(), sys.argv[1], 0
+big = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB: a save takes long enough to be killed inside one
+while True:
+    step += 1
+    io.save_checkpoint({"global_step": step, "w": big + step}, path)
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_a_corrupt_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    for delay in (0.4,):  # more delays = more chances to land inside a write (each costs a fresh interpreter)
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()  # one save completed
+        assert first.strip(), "the writer died"
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        ckpt = torch.load(path, weights_only=True)  # never a truncated file
+        assert torch.equal(ckpt["w"], torch.arange(4_000_000, dtype=torch.float32) + ckpt["global_step"])
+        for part in stale_checkpoint_parts(tmp_path):  # what scfm-train removes at its next start
+            part.unlink()
+
+
+_NAN_AT_STEP_3 = textwrap.dedent("""
+    from scfm.objectives.mlm import MaskedGeneModeling
+    _step = MaskedGeneModeling.step
+    def step(self, batch, batch_idx, stage):
+        loss = _step(self, batch, batch_idx, stage)
+        return loss * float("nan") if stage == "train" and self.global_step == 3 else loss
+    MaskedGeneModeling.step = step
+""")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, pbmc_corpus):
+    run = tmp_path / "run"
+    proc = subprocess.run(cli(*TINY, "trainer.max_steps=10", "checkpoint_every_n_steps=2", f"hydra.run.dir={run}",
+                              code=_NAN_AT_STEP_3), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "scfm-train: non-finite loss at step 3" in proc.stderr
+    assert "Fix:" in proc.stderr or "resume=last" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2  # the last checkpoint before the NaN, not a later one
+    assert all(torch.isfinite(w).all() for w in ckpt["state_dict"].values() if w.is_floating_point())
+    assert list(losses(run).index) == [0, 1, 2]  # logged before the guard stopped step 3

@@ -1,0 +1,215 @@
+"""scfm-train's config validation: every rule fails before any data is read, naming the groups in conflict and a
+valid alternative; strategy and precision groups compose (the CUDA-only ones validate to a clear error on the CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from scfm.cli import conf_dir
+from scfm.cli.train import build_strategy, validate
+from scfm.errors import ScfmInputError
+
+STRATEGIES = sorted(p.stem for p in (Path(conf_dir()) / "strategy").glob("*.yaml"))
+CUDA_ONLY = ["fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+GENERATIVE = "objective._target_=scfm.objectives.generative.GenerativePretraining"
+VALUE_REGRESSION = "objective._target_=scfm.objectives.value_regression.ValueRegression"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's errors")
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(tmp_path, monkeypatch):
+    """A corpus cache that must stay empty: validation reads no data (built-in corpora are prepared there)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("SCFM_CACHE", str(cache))
+    yield cache
+    assert not any(cache.iterdir()), "validation read or prepared data"
+
+
+def config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+
+def fails(cfg: DictConfig, *patterns: str) -> str:
+    """Validation fails with a message matching every pattern; returns the message."""
+    with pytest.raises(ScfmInputError) as info:
+        validate(cfg)
+    message = str(info.value)
+    for pattern in patterns:
+        assert pattern in message, f"{pattern!r} not in: {message}"
+    assert "Fix:" in message
+    return message
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend a CUDA GPU is visible (with bf16 unless told otherwise), to check the rules that need one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    return monkeypatch
+
+
+def test_defaults_and_demo_validate():
+    validate(config())
+    validate(config("experiment=demo"))
+
+
+# ------------------------------------------------------------------------------------------ strategy groups
+def test_the_strategy_and_precision_groups_exist():
+    assert set(STRATEGIES) == {"single", "ddp", *CUDA_ONLY}
+    assert {p.stem for p in (Path(conf_dir()) / "precision").glob("*.yaml")} == {"32", "bf16-mixed", "16-mixed"}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_composes_and_builds_its_lightning_strategy(strategy):
+    cfg = config(f"strategy={strategy}")
+    assert cfg.strategy.name == strategy
+    if strategy in ("single", "ddp"):
+        validate(cfg)
+    if strategy.startswith("deepspeed"):
+        assert cfg.strategy.lightning.stage == int(strategy.split("_")[2])
+        assert cfg.strategy.lightning.offload_optimizer == strategy.endswith("offload")
+        if _missing("deepspeed"):
+            return  # Lightning's DeepSpeedStrategy refuses to exist without deepspeed: validation says so first
+    built = build_strategy(cfg)
+    if strategy == "single":
+        assert built == "auto"
+    else:
+        assert type(built).__name__ == {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}.get(strategy, "DeepSpeedStrategy")
+
+
+def _missing(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is None
+
+
+def test_ddp_on_two_cpu_processes_builds_a_gloo_trainer():
+    from hydra.utils import instantiate
+
+    cfg = config("experiment=demo", "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    validate(cfg)
+    trainer = instantiate(cfg.trainer, strategy=build_strategy(cfg), logger=False, enable_checkpointing=False)
+    assert trainer.num_devices == 2 and trainer.world_size == 2
+    assert trainer.strategy._get_process_group_backend() == "gloo"
+    assert trainer.precision == "32-true"
+
+
+@no_cuda
+@pytest.mark.parametrize("strategy", CUDA_ONLY)
+def test_sharded_strategies_need_cuda(strategy):
+    fails(config(f"strategy={strategy}"), f"strategy={strategy} needs CUDA", "config groups strategy + trainer",
+          "strategy=ddp")
+
+
+@pytest.mark.skipif(not _missing("deepspeed"), reason="deepspeed is installed")
+def test_deepspeed_needs_the_gpu_extra_even_with_cuda(fake_cuda):
+    fails(config("strategy=deepspeed_stage_2"), "needs the package(s) deepspeed", "scfm[gpu]", "strategy=fsdp")
+    validate(config("strategy=fsdp"))  # FSDP is PyTorch's own: fine with CUDA
+
+
+def test_cpu_accelerator_rules_out_cuda_strategies_even_on_a_gpu_machine(fake_cuda):
+    fails(config("strategy=fsdp", "trainer.accelerator=cpu"), "trainer.accelerator=cpu", "strategy=ddp")
+
+
+def test_single_strategy_refuses_several_devices():
+    fails(config("trainer.devices=2"), "strategy=single", "trainer.devices=2", "strategy=ddp")
+    fails(config("trainer.num_nodes=2"), "strategy=single", "strategy=ddp")
+
+
+def test_strategy_and_precision_nodes_are_typed():
+    fails(config("strategy.num_nodes=two"), "config group strategy", "num_nodes")
+    fails(config("+strategy.nodes=2"), "config group strategy", "'nodes'")
+    fails(config("+precision.bits=16"), "config group precision")
+    fails(config("precision.value=17"), "unknown precision '17'", "precision=32, bf16-mixed or 16-mixed")
+
+
+@no_cuda
+def test_gpu_accelerator_without_cuda():
+    fails(config("trainer.accelerator=gpu"), "no CUDA device", "trainer.accelerator=cpu")
+
+
+# ------------------------------------------------------------------------------------------ precision
+@no_cuda
+def test_float16_mixed_precision_needs_cuda():
+    fails(config("precision=16-mixed"), "precision=16-mixed", "needs CUDA", "config groups precision + trainer",
+          "precision=bf16-mixed")
+
+
+def test_precision_group_sets_the_trainer_precision(fake_cuda):
+    assert config("precision=bf16-mixed").trainer.precision == "bf16-mixed"
+    validate(config("precision=bf16-mixed"))  # CUDA with bf16
+    validate(config("precision=16-mixed"))
+    validate(config("experiment=demo", "precision=bf16-mixed"))  # CPU autocast in bf16 is supported
+
+
+def test_bf16_needs_a_gpu_with_bfloat16(fake_cuda):
+    fake_cuda.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    fails(config("precision=bf16-mixed"), "Tesla V100", "has no bfloat16", "precision=16-mixed")
+
+
+# ------------------------------------------------------------------------------------------ attention
+@no_cuda
+def test_flash_attention_needs_cuda():
+    fails(config("attention=flash"), "attention=flash", "needs CUDA", "config groups attention + trainer",
+          "attention=sdpa")
+
+
+@pytest.mark.skipif(not _missing("flash_attn"), reason="flash-attn is installed")
+def test_flash_attention_needs_flash_attn_even_with_cuda(fake_cuda):
+    fails(config("attention=flash"), "flash-attn is not installed", "attention=sdpa", "scfm[gpu]")
+
+
+@pytest.mark.parametrize("kernel", ["performer", "flash"])
+def test_generative_mask_rules_out_performer_and_flash(kernel, fake_cuda, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec  # flash-attn "installed"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name))
+    fails(config(GENERATIVE, "encoding=bin", f"attention={kernel}"), f"attention={kernel} cannot express",
+          "config groups attention + objective", "attention=flex")
+
+
+def test_performer_runs_packed_batches():  # FAVOR+ sums per cell (doc_ids): no rule against packed batching
+    validate(config("experiment=demo", "attention=performer", "batching=packed"))
+
+
+# ------------------------------------------------------------------------------------------ objective + encoding
+@pytest.mark.parametrize(("objective", "encoding", "needs"), [
+    ("objective=mlm", "encoding=bin", "encoding=rank"),
+    ("objective=mlm", "encoding=continuous", "encoding=rank"),
+    (GENERATIVE, "encoding=rank", "encoding=bin"),
+    (GENERATIVE, "encoding=continuous", "encoding=bin"),
+    (VALUE_REGRESSION, "encoding=rank", "encoding=continuous"),
+    (VALUE_REGRESSION, "encoding=bin", "encoding=continuous"),
+])
+def test_each_objective_needs_its_encoding(objective, encoding, needs):
+    fails(config(objective, encoding), "config groups objective + encoding", f"not {encoding}", f"use {needs}")
+
+
+def test_an_objective_that_cannot_be_imported_is_named():
+    fails(config("objective._target_=scfm.objectives.nope.Nope"), "objective._target_=scfm.objectives.nope.Nope",
+          "cannot be imported", "config group objective")
+
+
+def test_objective_check_config_hook_runs(monkeypatch):
+    from scfm.objectives.mlm import MaskedGeneModeling
+
+    def check(cfg):
+        raise ScfmInputError("own rule", where="config groups objective + model", fix="something valid")
+
+    monkeypatch.setattr(MaskedGeneModeling, "check_config", staticmethod(check), raising=False)
+    fails(config(), "own rule")
+
+
+# ------------------------------------------------------------------------------------------ sizes
+def test_max_len_above_the_model_positions():
+    fails(config("encoding.max_len=4096", "model.max_position=2048"), "encoding.max_len=4096",
+          "model.max_position=2048", "config groups encoding + model")
