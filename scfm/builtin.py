@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -104,11 +105,16 @@ def builtin_corpus(name: str, cache_dir: str | Path | None = None, params: dict[
     if is_corpus(folder):
         return Corpus(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    h5ad = folder.with_name(folder.name + ".h5ad")
-    if not h5ad.exists():
-        tmp = h5ad.with_name(h5ad.name + f".tmp{os.getpid()}.h5ad")
-        adata = make()
-        adata.uns = {}
-        adata.write_h5ad(tmp)
-        os.replace(tmp, h5ad)
-    return prepare([str(h5ad)], folder, PrepareOptions(columns=columns, progress=progress))
+    # one preparer at a time: torchrun / SLURM start every rank at once, and all would write <folder>.partial
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_corpus(folder):  # another process prepared it while this one waited
+            return Corpus(folder)
+        h5ad = folder.with_name(folder.name + ".h5ad")
+        if not h5ad.exists():
+            tmp = h5ad.with_name(h5ad.name + f".tmp{os.getpid()}.h5ad")
+            adata = make()
+            adata.uns = {}
+            adata.write_h5ad(tmp)
+            os.replace(tmp, h5ad)
+        return prepare([str(h5ad)], folder, PrepareOptions(columns=columns, progress=progress))
