@@ -93,6 +93,14 @@ class PretrainingModule(L.LightningModule):
                      sync_dist=stage != "train")
 
     @staticmethod
+    def sum_across_ranks(t: Tensor) -> Tensor:
+        """``t`` summed over all processes (in place; unchanged in a single process). Running statistics kept in
+        buffers must be updated with global sums: DDP broadcasts rank 0's buffers at every forward."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
     def batch_size_of(batch: Any) -> int:
         """Number of cells in a batch (padded or packed)."""
         return int(batch["lengths"].numel())

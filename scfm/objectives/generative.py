@@ -186,16 +186,18 @@ class GenerativePretraining(PretrainingModule):
     @torch.no_grad()
     def _update_means(self, gene_ids: Tensor, values: Tensor) -> None:
         V = self.gene_value_mean.numel()
-        count = torch.bincount(gene_ids, minlength=V)
-        total = torch.zeros(V, device=values.device).index_add_(0, gene_ids, values.float())
+        count = self.sum_across_ranks(torch.bincount(gene_ids, minlength=V))
+        total = self.sum_across_ranks(torch.zeros(V, device=values.device).index_add_(0, gene_ids, values.float()))
         new_count = self.gene_value_count + count
         seen = count > 0
         self.gene_value_mean[seen] += (total[seen] - count[seen] * self.gene_value_mean[seen]) / new_count[seen]
         self.gene_value_count.copy_(new_count)
-        n = int(gene_ids.numel())
+        n_sum = self.sum_across_ranks(torch.stack([torch.tensor(float(gene_ids.numel()), device=values.device),
+                                                   values.float().sum()]))
+        n = int(n_sum[0])
         if n:
             gc = self.global_value_count + n
-            self.global_value_mean += (values.float().sum() - n * self.global_value_mean) / gc
+            self.global_value_mean += (n_sum[1] - n * self.global_value_mean) / gc
             self.global_value_count.copy_(gc)
 
     def step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:

@@ -69,7 +69,7 @@ class MaskedGeneModeling(PretrainingModule):
         loss = F.cross_entropy(logits, target) if target.numel() else logits.sum() * 0.0
         acc = (logits.argmax(-1) == target).float().sum() / n
         if stage == "train":
-            self.label_counts += torch.bincount(target, minlength=self.config.vocab_size)
+            self.label_counts += self.sum_across_ranks(torch.bincount(target, minlength=self.config.vocab_size))
         baseline = (target == self.label_counts.argmax()).float().sum() / n
         self.log_metrics(stage, {"loss": loss, "masked_acc": acc, "freq_baseline_acc": baseline},
                          self.batch_size_of(batch), prog_bar=("loss", "masked_acc") if stage == "val" else ("loss",))

@@ -1,0 +1,119 @@
+"""scFoundation / xTrimoGene's masked value regression as a LightningModule (objective ``value_regression``).
+
+The masking, read-depth-aware down-sampling and the T/S depth tokens all come from ``encoding=continuous``
+(``value_mask``, ``values``, ``target_values``); this module runs :class:`scfm.model.xtrimo.XtrimoModel` and
+takes the mean squared error between its predicted values and the raw cell's log-normalised values at the masked
+genes (masked non-zero genes and the few masked zero genes together, as scFoundation).
+
+Logged per stage: ``loss`` (= ``masked_mse``), ``masked_mse_nonzero`` / ``masked_mse_zero`` (masked genes whose
+target is > 0 / == 0), and two baselines from running per-gene sums kept as buffers (in the checkpoint; updated
+by training batches only, after their metrics are taken):
+
+- ``mean_mse``: predict each gene's mean target over all training cells seen so far (its average expression,
+  zeros included; ``gene_sum`` / ``gene_count``);
+- ``masked_mean_mse``: predict each gene's mean target over the positions where it was masked (``masked_sum`` /
+  ``masked_count``). Masking picks expressed genes ten times more often than zeros, so this is the stronger
+  baseline: the best constant per gene for this loss. A model below it has learned from the cell's context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from scfm.errors import ScfmInputError
+from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
+from scfm.objectives.base import PretrainingModule
+
+__all__ = ["ValueRegression"]
+
+
+class ValueRegression(PretrainingModule):
+    """xTrimoGene encoder-decoder trained to regress masked gene values of continuous-encoded cells."""
+
+    def __init__(self, model: dict[str, Any], data: dict[str, Any], lr: float = 1e-4, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000, scheduler: str = "cosine",
+                 total_steps: int | None = None, seed: int = 0) -> None:
+        super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         scheduler=scheduler, total_steps=total_steps, seed=seed)
+        encoding = data.get("encoding")
+        if encoding is not None and encoding != "ContinuousEncoding":
+            raise ScfmInputError(f"objective=value_regression needs continuous-encoded cells, got {encoding}",
+                                 where="config groups objective + encoding", fix="use encoding=continuous")
+        fields = dict(model)
+        max_len = data.get("max_len")
+        if fields.get("max_seq_len") is None:
+            if max_len is None:
+                raise ScfmInputError("model.max_seq_len is null and the data does not say the cells' length",
+                                     where="model.max_seq_len", fix="set model.max_seq_len to n_genes + 2")
+            fields["max_seq_len"] = int(max_len)
+        elif max_len is not None and max_len > fields["max_seq_len"]:
+            raise ScfmInputError(f"cells have {max_len} tokens (the gene list + T, S) but model.max_seq_len="
+                                 f"{fields['max_seq_len']}", where="config groups model + encoding",
+                                 fix=f"set model.max_seq_len>={max_len} or null (sized from the data), or a shorter "
+                                     "encoding.gene_list")
+        self.config = XtrimoConfig(**fields)
+        self.model = XtrimoModel(self.config)
+        n = self.config.max_seq_len  # running sums per layout position (= per gene of the fixed list)
+        for name in ("gene_sum", "gene_count", "masked_sum", "masked_count"):
+            self.register_buffer(name, torch.zeros(n, dtype=torch.float64))
+
+    @staticmethod
+    def check_config(cfg: DictConfig) -> None:
+        """Needs encoding=continuous, model=xtrimo*, padded batches (raises naming the groups in conflict)."""
+        encoding = str(cfg.encoding.get("_target_", ""))
+        if not encoding.endswith("ContinuousEncoding"):
+            raise ScfmInputError("objective=value_regression regresses continuous gene values and needs "
+                                 f"encoding=continuous (got {encoding.rsplit('.', 1)[-1] or 'none'})",
+                                 where="config groups objective + encoding", fix="use encoding=continuous")
+        model = str(cfg.model.get("_target_", ""))
+        if not model.endswith("XtrimoConfig"):
+            raise ScfmInputError(f"objective=value_regression trains the xTrimoGene encoder-decoder, not "
+                                 f"{model.rsplit('.', 1)[-1] or 'none'}", where="config groups objective + model",
+                                 fix="use model=xtrimo or model=xtrimo_tiny")
+        batching = cfg.get("batching") or {}
+        if batching.get("strategy") == "packed":
+            raise ScfmInputError("model=xtrimo takes padded batches, not packed ones",
+                                 where="config groups model + batching",
+                                 fix="use batching=random (continuous cells all have the same length)")
+
+    def forward(self, batch: Any) -> dict[str, Tensor]:
+        return self.model(batch)
+
+    def step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+        pred = self.model(batch)["pred"]  # [B, G]
+        target = self.model.genes(batch["target_values"], batch).to(pred.dtype)  # [B, G]
+        masked = self.model.genes(batch["value_mask"], batch)  # [B, G]
+        column = self.model.genes(batch["positions"], batch)  # [B, G]: the gene's row in gene_sum
+        err = (pred - target).square()
+        n = masked.sum()
+        if int(n) == 0:  # nothing masked in this batch: a zero loss that keeps the graph
+            loss = pred.sum() * 0.0
+            self.log_metrics(stage, {"loss": loss}, self.batch_size_of(batch))
+            return loss
+        loss = err[masked].mean()
+        nonzero = masked & (target > 0)
+        zero = masked & (target <= 0)
+        cols, tgt = column[masked], target[masked]
+
+        def running_mean(total: Tensor, count: Tensor) -> Tensor:
+            return (total[cols] / count[cols].clamp_min(1)).to(pred.dtype)
+
+        metrics: dict[str, Tensor] = {
+            "loss": loss, "masked_mse": loss.detach(),
+            "mean_mse": (running_mean(self.gene_sum, self.gene_count) - tgt).square().mean(),
+            "masked_mean_mse": (running_mean(self.masked_sum, self.masked_count) - tgt).square().mean()}
+        if bool(nonzero.any()):
+            metrics["masked_mse_nonzero"] = err[nonzero].mean().detach()
+        if bool(zero.any()):
+            metrics["masked_mse_zero"] = err[zero].mean().detach()
+        if stage == "train":  # the baselines see each batch only after predicting it
+            self.gene_sum.index_add_(0, column.flatten(), target.detach().flatten().double())
+            self.gene_count.index_add_(0, column.flatten(), torch.ones_like(self.gene_count[column.flatten()]))
+            self.masked_sum.index_add_(0, cols, tgt.detach().double())
+            self.masked_count.index_add_(0, cols, torch.ones_like(self.masked_count[cols]))
+        self.log_metrics(stage, metrics, self.batch_size_of(batch))
+        return loss
