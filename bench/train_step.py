@@ -26,7 +26,7 @@ interleaved (the order alternates each repeat), and the median of ``--repeats`` 
   (freed buffers go back to the OS); before one untimed call per kernel the peak RSS is reset
   (``echo 5 > /proc/self/clear_refs``) and ``peak_mb`` = VmHWM after the call - VmRSS before it.
   On the CPU ``flex`` has no backward: it runs SDPA on the dense mask of its ``mask_mod`` (``note`` says so).
-- ``xtrimo_flops``: hook for the coordinator (``case_xtrimo_flops``); skipped until ``scfm.model.xtrimo`` exists.
+- ``xtrimo_flops``: encoder FLOPs of xtrimo vs a dense encoder (``bench/xtrimo_flops.py``).
 
 Environment: ``export SCFM_CACHE=/tmp/bench_cache`` (PBMC 3k is prepared there once).
 Quick: python bench/train_step.py --quick
@@ -347,20 +347,16 @@ def case_kernel(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-# ---------------------------------------------------------------- xtrimo_flops (hook)
+# ---------------------------------------------------------------- xtrimo_flops
 
 
 def case_xtrimo_flops(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """HOOK for the coordinator: xTrimoGene's asymmetric encoder/decoder vs a full-length encoder.
+    """scFoundation-100M encoder FLOPs on PBMC-like cells vs a dense encoder over all 19,266 tokens
+    (``bench/xtrimo_flops.py``; ratio = dense / ours, target >= 10)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from xtrimo_flops import xtrimo_flops_case
 
-    Fill in once ``scfm.model.xtrimo`` exists (FLOPs or tokens/s of one training step, ours = xtrimo,
-    baseline = a BERT over the full length). Until then the case reports itself as skipped.
-    """
-    try:
-        import scfm.model.xtrimo  # noqa: F401
-    except ImportError:
-        return [{"case": "xtrimo_flops", "skipped": "scfm.model.xtrimo does not exist yet"}]
-    return [{"case": "xtrimo_flops", "skipped": "scfm.model.xtrimo exists; case_xtrimo_flops is still a hook"}]
+    return [xtrimo_flops_case()]
 
 
 # ---------------------------------------------------------------- main

@@ -111,9 +111,14 @@ class ValueRegression(PretrainingModule):
         if bool(zero.any()):
             metrics["masked_mse_zero"] = err[zero].mean().detach()
         if stage == "train":  # the baselines see each batch only after predicting it
-            self.gene_sum.index_add_(0, column.flatten(), target.detach().flatten().double())
-            self.gene_count.index_add_(0, column.flatten(), torch.ones_like(self.gene_count[column.flatten()]))
-            self.masked_sum.index_add_(0, cols, tgt.detach().double())
-            self.masked_count.index_add_(0, cols, torch.ones_like(self.masked_count[cols]))
+            flat, ones = column.flatten(), torch.ones_like(self.gene_count[column.flatten()])
+            stats = torch.stack([  # [4, n_genes]: this batch's sums and counts, over every rank (DDP)
+                torch.zeros_like(self.gene_sum).index_add_(0, flat, target.detach().flatten().double()),
+                torch.zeros_like(self.gene_count).index_add_(0, flat, ones),
+                torch.zeros_like(self.masked_sum).index_add_(0, cols, tgt.detach().double()),
+                torch.zeros_like(self.masked_count).index_add_(0, cols, torch.ones_like(self.masked_count[cols]))])
+            self.sum_across_ranks(stats)
+            for buffer, update in zip((self.gene_sum, self.gene_count, self.masked_sum, self.masked_count), stats):
+                buffer += update
         self.log_metrics(stage, metrics, self.batch_size_of(batch))
         return loss

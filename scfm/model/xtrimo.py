@@ -1,0 +1,508 @@
+"""xTrimoGene / scFoundation: an asymmetric encoder-decoder over every gene of a fixed gene list.
+
+References: Gong et al. 2023, "xTrimoGene: an efficient and scalable representation learner for single-cell
+RNA-seq data" (NeurIPS); Hao et al. 2024, "Large-scale foundation model on single-cell transcriptomics"
+(scFoundation, Nature Methods). Code read for fidelity: biomap-research/scFoundation
+``model/pretrainmodels/{mae_autobin,performer,transformer,select_model}.py``, ``model/load.py`` (``gatherData``,
+``getEncoerDecoderData``) and ``model/get_embedding.py``.
+
+Forward pass (``XtrimoModel.forward``), on ``encoding=continuous`` batches (every cell: its genes in gene-list
+order, then the depth tokens T and S; see ``scfm.encodings.continuous``):
+
+1. **Embeddings**: ``token_emb`` (auto-discretisation of the value, :class:`AutoDiscretizationEmbedding`; masked
+   values get its ``emb_mask`` vector, padding its ``emb_pad`` vector) + ``pos_emb`` (an ``nn.Embedding`` with
+   ``max_seq_len + 1`` rows indexed by the token's *position in the gene list*, batch key ``positions``: gene i
+   -> row i, T -> row n_genes, S -> row n_genes + 1, padding -> row ``max_seq_len``). scFoundation does the same:
+   its "gene ids" are ``arange(19266)`` over its fixed list, so a model is tied to its gene list and order
+   (``encoding.gene_list``), and converted weights need scFoundation's own list.
+2. **Encoder** over the gathered ``encoder_mask`` tokens only (non-zero, unmasked genes + T + S, ~10% of the
+   length), in their original order, padded per batch to the largest count: post-LN transformer layers
+   (``nn.TransformerEncoderLayer`` maths: ReLU FFN, dropout 0.1) with the configured attention kernel, then a
+   LayerNorm (``encoder.norm``).
+3. **Decoder input** (as ``MaeAutobin.forward``): the full-length token embeddings (zeros: the embedding of value 0;
+   masked: ``emb_mask``), with the encoder outputs scattered back at the encoder positions, *then* ``pos_emb``
+   added at every position (so encoder positions get it twice, as in scFoundation), then ``decoder_embed``
+   (Linear encoder hidden -> decoder hidden).
+4. **Decoder**: pre-LN Performer layers over the full length (``x + attn(LN(x))``, ``x + FFN(LN(x))``, GELU FFN,
+   q/k/v with bias) and a LayerNorm (``decoder.norm``); attention ``decoder_attention="favor"`` is scFoundation's
+   FAVOR+ exactly (per-layer ``projection_matrix`` buffers, features ``m^-1/2 (exp(wx - |x|^2/2 - max) + 1e-4)``,
+   redrawn every ``decoder_redraw_interval`` training calls); any scfm kernel name (``performer``, ``sdpa``,
+   ...) works instead, as an ablation.
+5. ``norm`` (a second LayerNorm, as scFoundation), T/S dropped, ``to_final`` (Linear(decoder hidden, 1)) ->
+   one predicted value per gene, ``[B, n_genes]``.
+
+Differences from scFoundation, all deliberate: the FAVOR+ key stabiliser is the max over each *cell's* keys
+(scFoundation takes one max over the whole batch, which makes a cell's output depend, through the 1e-4 feature
+epsilon, on the other cells of its batch); padded keys are removed from the decoder sums (scFoundation's decoder
+ignores its padding mask; continuous batches have no padding, so this never differs in practice).
+
+Cell embedding (``cell_embedding``, scFoundation ``get_embedding.py``, ``pool_type='all'``): the encoder
+output concatenated as [S token, T token, max over the encoder's gene tokens, mean over them] -> ``4 × hidden``;
+``pool="max"`` is the max over all encoder tokens (their ``pool_type='max'``). Encode cells for embedding with
+masking and down-sampling off (``encoding.mask_nonzero=0 mask_zero=0 downsample_prob=0``).
+
+Packed batches are refused (continuous cells all have the same length, so padded batches waste nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scfm.errors import ScfmInputError
+from scfm.model.attention import Layout, get_kernel, orthogonal_gaussian
+from scfm.model.embeddings import AutoDiscretizationEmbedding
+
+__all__ = ["XtrimoConfig", "XtrimoDecoder", "XtrimoEncoder", "XtrimoModel", "favor_attention"]
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class XtrimoConfig:
+    """Shape of an xTrimoGene / scFoundation model. Defaults: scFoundation 100M.
+
+    Found in biomap-research/scFoundation: encoder ``nn.TransformerEncoderLayer`` stack (post-LN, ReLU, FFN 4 x
+    hidden, dropout 0.1) + final LayerNorm; Performer decoder (pre-LN, GELU FFN ``ff_mult=4``, ``dim_head=64``,
+    ``qkv_bias=True``, dropouts 0, ``nb_features = int(dim_head · ln dim_head)`` = 266, features redrawn every
+    1000 training calls, softmax-kernel epsilon 1e-4); ``bin_num=100``, ``bin_alpha=1.0``, LeakyReLU slope 0.1
+    (the config dicts quoted by users of the released code: ``bin_num 100, bin_alpha 1.0, pad_token_id 103,
+    mask_token_id 102``); ``seq_len = 19266`` = 19,264 genes + T + S (``get_embedding.py``:
+    ``torch.arange(19266)``). Taken from the paper / the design card, not from code: encoder 12 layers, hidden
+    768, 12 heads; decoder 6 layers, hidden 512, 8 heads (8 × 64 = 512).
+
+    ``max_seq_len=None`` sizes ``pos_emb`` from the data (the encoding's length, set by ``objective``).
+    """
+
+    vocab_size: int
+    pad_id: int = 0
+    conditions: list[str] = field(default_factory=list)
+    n_labels: dict[str, int] = field(default_factory=dict)
+    attention: str = "sdpa"  # encoder kernel: eager / sdpa / flex / flash / performer
+    layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    ffn: int = 3072
+    dropout: float = 0.1
+    activation: str = "relu"
+    norm_first: bool = False
+    layer_norm_eps: float = 1e-5
+    decoder_layers: int = 6
+    decoder_hidden: int = 512
+    decoder_heads: int = 8
+    decoder_head_dim: int | None = None  # None: decoder_hidden // decoder_heads (scFoundation: 64)
+    decoder_ffn: int = 2048
+    decoder_dropout: float = 0.0
+    decoder_attention: str = "favor"  # scFoundation's FAVOR+ (converter-exact), or any scfm kernel name
+    nb_features: int | None = None  # None: int(head_dim · ln head_dim), scFoundation's default
+    favor_eps: float = 1e-4
+    decoder_redraw_interval: int = 1000  # redraw the FAVOR+ features every N training calls; 0 = never
+    feature_seed: int = 0
+    value_embedding: str = "autodiscretize"
+    n_bins: int = 100
+    bin_alpha: float = 1.0
+    autobin_version: int = 2
+    max_seq_len: int | None = 19266
+
+    def __post_init__(self) -> None:
+        where = "XtrimoConfig"
+        ints = ["vocab_size", "layers", "hidden", "heads", "ffn", "decoder_layers", "decoder_hidden",
+                "decoder_heads", "decoder_ffn", "n_bins"]
+        ints += [n for n in ("decoder_head_dim", "nb_features", "max_seq_len") if getattr(self, n) is not None]
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ScfmInputError(f"{name} must be a positive integer, got {value!r}", where=f"model.{name}")
+        if self.hidden % self.heads:
+            raise ScfmInputError(f"hidden ({self.hidden}) is not divisible by heads ({self.heads})",
+                                 where="model.hidden", fix="choose heads that divide hidden, e.g. 768 / 12")
+        if self.decoder_head_dim is None:
+            if self.decoder_hidden % self.decoder_heads:
+                raise ScfmInputError(
+                    f"decoder_hidden ({self.decoder_hidden}) is not divisible by decoder_heads ({self.decoder_heads})",
+                    where="model.decoder_hidden", fix="choose decoder_heads that divide decoder_hidden, or set "
+                                                      "model.decoder_head_dim")
+            self.decoder_head_dim = self.decoder_hidden // self.decoder_heads
+        for name in ("dropout", "decoder_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ScfmInputError(f"{name} must be in [0, 1), got {getattr(self, name)!r}", where=f"model.{name}")
+        if self.activation not in _ACTIVATIONS:
+            raise ScfmInputError(f"unknown activation {self.activation!r}", where="model.activation",
+                                 fix=f"use one of: {', '.join(_ACTIVATIONS)}")
+        if self.value_embedding != "autodiscretize":
+            raise ScfmInputError(f"xtrimo embeds values by auto-discretisation only, got {self.value_embedding!r}",
+                                 where="model.value_embedding", fix="model.value_embedding=autodiscretize")
+        if self.autobin_version not in (1, 2):
+            raise ScfmInputError(f"autobin_version must be 1 or 2, got {self.autobin_version}",
+                                 where="model.autobin_version")
+        if self.conditions:
+            raise ScfmInputError(f"xtrimo has no condition embeddings (data.conditions={list(self.conditions)})",
+                                 where="config groups model + data", fix="data.conditions=[] with model=xtrimo")
+        if self.favor_eps < 0 or self.decoder_redraw_interval < 0:
+            raise ScfmInputError("favor_eps and decoder_redraw_interval must be >= 0", where=where)
+        get_kernel(self.attention)  # unknown / unavailable kernels raise with the valid names
+        if self.decoder_attention != "favor":
+            try:
+                get_kernel(self.decoder_attention)
+            except ScfmInputError as err:
+                raise ScfmInputError(f"unknown decoder attention {self.decoder_attention!r}",
+                                     where="model.decoder_attention",
+                                     fix="favor (scFoundation's FAVOR+), performer, sdpa, eager or flex") from err
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def features(self) -> int:
+        """FAVOR+ random features per decoder head."""
+        d = self.decoder_head_dim
+        return self.nb_features or max(int(d * math.log(d)), 1)
+
+
+# ------------------------------------------------------------------------------------------- encoder
+
+
+class EncoderSelfAttention(nn.Module):
+    """Packed q/k/v projection (``nn.MultiheadAttention``'s ``in_proj``) + the configured kernel + ``out_proj``."""
+
+    def __init__(self, config: XtrimoConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = config.heads, config.head_dim
+        self.in_proj = nn.Linear(config.hidden, 3 * config.hidden)
+        self.out_proj = nn.Linear(config.hidden, config.hidden)
+        self.kernel = get_kernel(config.attention)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        """x: [B, N, D] -> [B, N, D]."""
+        B, N, D = x.shape
+        q, k, v = self.in_proj(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, N, Dh]
+        ctx = self.kernel(q, k, v, layout, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(ctx.transpose(1, 2).reshape(B, N, D))
+
+
+class EncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` maths (post-LN by default) with a pluggable attention kernel."""
+
+    def __init__(self, config: XtrimoConfig) -> None:
+        super().__init__()
+        self.self_attn = EncoderSelfAttention(config)
+        self.linear1 = nn.Linear(config.hidden, config.ffn)
+        self.linear2 = nn.Linear(config.ffn, config.hidden)
+        self.norm1 = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.act = _ACTIVATIONS[config.activation]
+        self.norm_first = config.norm_first
+
+    def _ff(self, x: Tensor) -> Tensor:
+        return self.dropout(self.linear2(self.dropout(self.act(self.linear1(x)))))
+
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        """x: [B, N, D] -> [B, N, D]."""
+        if self.norm_first:
+            x = x + self.dropout(self.self_attn(self.norm1(x), layout))
+            return x + self._ff(self.norm2(x))
+        x = self.norm1(x + self.dropout(self.self_attn(x, layout)))
+        return self.norm2(x + self._ff(x))
+
+
+class XtrimoEncoder(nn.Module):
+    """``layers`` encoder layers + a final LayerNorm (scFoundation ``pytorchTransformerModule``)."""
+
+    def __init__(self, config: XtrimoConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.hidden)
+
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, layout)
+        return self.norm(x)
+
+
+# ------------------------------------------------------------------------------------------- decoder
+
+
+def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, key_mask: Tensor | None = None,
+                    eps: float = 1e-4) -> Tensor:
+    """scFoundation's FAVOR+ (``softmax_kernel`` + ``linear_attention`` of its ``performer.py``), per cell.
+
+    q, k, v: [B, H, L, Dh]; projection: [m, Dh]; key_mask: [B, L] True = real key. Features
+    ``phi(x) = m^-1/2 (exp(w·x' - |x'|^2 / 2 - c) + eps)`` with ``x' = x · Dh^-1/4``; ``c`` is the max of ``w·x'``
+    per query token, and one max over all heads, keys and features of the cell for keys (both detached: the
+    forward equals scFoundation's; its gradient also flows through the maxima). -> [B, H, L, Dh].
+    """
+    Dh = q.shape[-1]
+    m = projection.shape[0]
+    norm, ratio = Dh**-0.25, m**-0.5
+    w = projection.to(q.dtype)
+    qd = (q * norm) @ w.T  # [B, H, L, m]
+    kd = (k * norm) @ w.T
+    q_diag = (q * q).sum(-1, keepdim=True) * (norm**2 / 2)  # [B, H, L, 1]
+    k_diag = (k * k).sum(-1, keepdim=True) * (norm**2 / 2)
+    phi_q = ratio * (torch.exp(qd - q_diag - qd.detach().amax(-1, keepdim=True)) + eps)
+    if key_mask is not None:
+        km = key_mask[:, None, :, None]  # [B, 1, L, 1]
+        k_max = kd.detach().masked_fill(~km, -math.inf).amax(dim=(1, 2, 3), keepdim=True)
+        phi_k = ratio * (torch.exp(kd - k_diag - k_max) + eps) * km
+    else:
+        phi_k = ratio * (torch.exp(kd - k_diag - kd.detach().amax(dim=(1, 2, 3), keepdim=True)) + eps)
+    k_sum = phi_k.sum(-2)  # [B, H, m]
+    context = phi_k.transpose(-1, -2) @ v  # [B, H, m, Dh]
+    return (phi_q @ context) / (phi_q @ k_sum[..., None])  # [B, H, L, Dh]
+
+
+class DecoderSelfAttention(nn.Module):
+    """Performer self-attention: ``to_q/to_k/to_v`` (with bias), attention, ``to_out``, dropout."""
+
+    def __init__(self, config: XtrimoConfig, layer: int) -> None:
+        super().__init__()
+        inner = config.decoder_heads * config.decoder_head_dim
+        self.heads, self.head_dim = config.decoder_heads, config.decoder_head_dim
+        self.to_q = nn.Linear(config.decoder_hidden, inner)
+        self.to_k = nn.Linear(config.decoder_hidden, inner)
+        self.to_v = nn.Linear(config.decoder_hidden, inner)
+        self.to_out = nn.Linear(inner, config.decoder_hidden)
+        self.dropout = nn.Dropout(config.decoder_dropout)
+        self.kind, self.eps = config.decoder_attention, config.favor_eps
+        self.kernel = None if self.kind == "favor" else get_kernel(self.kind)
+        self.nb_features, self.seed = config.features, config.feature_seed + 7919 * layer
+        self.register_buffer("projection_matrix", self.draw(0))
+
+    def draw(self, n: int) -> Tensor:
+        """The ``n``-th [m, Dh] feature matrix of this layer (deterministic in feature_seed, layer and n)."""
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * n)
+        return orthogonal_gaussian(self.nb_features, self.head_dim, g).float()
+
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        B, L, _ = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
+
+        q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
+        if self.kernel is None:
+            out = favor_attention(q, k, v, self.projection_matrix, layout.padding_mask, self.eps)
+        else:
+            out = self.kernel(q, k, v, layout, dropout_p=0.0)
+        return self.dropout(self.to_out(out.transpose(1, 2).reshape(B, L, -1)))
+
+
+class FeedForward(nn.Module):
+    """``w1`` -> GELU -> dropout -> ``w2`` (the Performer's FFN)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(F.gelu(self.w1(x))))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN Performer layer: ``x + attn(attn_norm(x))``, then ``x + ffn(ffn_norm(x))``."""
+
+    def __init__(self, config: XtrimoConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.decoder_hidden)
+        self.attn = DecoderSelfAttention(config, layer)
+        self.ffn_norm = nn.LayerNorm(config.decoder_hidden)
+        self.ffn = FeedForward(config.decoder_hidden, config.decoder_ffn, config.decoder_dropout)
+
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), layout)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class XtrimoDecoder(nn.Module):
+    """``decoder_layers`` Performer layers + a LayerNorm; redraws the FAVOR+ features every
+    ``decoder_redraw_interval`` training calls (counted in the ``calls`` buffer, so a resumed run redraws alike)."""
+
+    def __init__(self, config: XtrimoConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.norm = nn.LayerNorm(config.decoder_hidden)
+        self.redraw_interval = config.decoder_redraw_interval if config.decoder_attention == "favor" else 0
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _maybe_redraw(self) -> None:
+        if not (self.training and self.redraw_interval):
+            return
+        if int(self.calls) > 0 and int(self.calls) % self.redraw_interval == 0:
+            n = int(self.calls) // self.redraw_interval
+            for layer in self.layers:
+                layer.attn.projection_matrix.copy_(layer.attn.draw(n))
+        self.calls += 1
+
+    def forward(self, x: Tensor, layout: Layout) -> Tensor:
+        self._maybe_redraw()
+        for layer in self.layers:
+            x = layer(x, layout)
+        return self.norm(x)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def _get(batch: Mapping[str, Any] | Any, key: str) -> Tensor:
+    value = batch.get(key, None)
+    if value is None:
+        raise ScfmInputError(f"model=xtrimo reads batch[{key!r}], which this batch lacks",
+                             where="config groups model + encoding", fix="use encoding=continuous with model=xtrimo")
+    return value
+
+
+@dataclass
+class Gathered:
+    """The encoder's tokens of a batch: ``index`` [B, N] positions in the full row (first ``counts[b]`` real,
+    in their original order), ``real`` [B, N] bool."""
+
+    index: Tensor
+    real: Tensor
+
+
+class XtrimoModel(nn.Module):
+    """scFoundation's ``MaeAutobin`` (see the module docstring). Batch keys: ``values``, ``value_mask``,
+    ``encoder_mask``, ``token_kind``, ``positions`` [B, L], ``padding_mask`` optional."""
+
+    def __init__(self, config: XtrimoConfig) -> None:
+        super().__init__()
+        if config.max_seq_len is None:
+            raise ScfmInputError("model.max_seq_len is null: the gene-list length is not known here",
+                                 where="XtrimoModel", fix="set max_seq_len to n_genes + 2 (T, S), or build the "
+                                                          "model through objective=value_regression")
+        self.config = config
+        self.token_emb = AutoDiscretizationEmbedding(config.hidden, config.n_bins, config.bin_alpha,
+                                                     config.autobin_version)
+        self.pos_emb = nn.Embedding(config.max_seq_len + 1, config.hidden)  # last row: padding
+        self.encoder = XtrimoEncoder(config)
+        self.decoder_embed = nn.Linear(config.hidden, config.decoder_hidden)
+        self.decoder = XtrimoDecoder(config)
+        self.norm = nn.LayerNorm(config.decoder_hidden)
+        self.to_final = nn.Linear(config.decoder_hidden, 1)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _check(self, batch: Mapping[str, Any] | Any) -> Tensor | None:
+        """Refuse packed batches and positions beyond ``pos_emb``; return the padding mask (None = all real)."""
+        if batch.get("doc_ids", None) is not None or batch.get("cu_seqlens", None) is not None:
+            raise ScfmInputError("model=xtrimo takes padded batches, not packed ones",
+                                 where="config groups model + batching",
+                                 fix="use batching=random (continuous cells all have the same length: nothing is "
+                                     "padded)")
+        length = _get(batch, "values").shape[1]
+        if length > self.config.max_seq_len:
+            raise ScfmInputError(f"cells have {length} tokens but model.max_seq_len={self.config.max_seq_len}",
+                                 where="config groups model + encoding",
+                                 fix=f"set model.max_seq_len>={length} (or null: sized from the data), or a shorter "
+                                     "encoding.gene_list")
+        pm = batch.get("padding_mask", None)
+        return None if pm is None or bool(pm.all()) else pm
+
+    def _positions(self, batch: Mapping[str, Any] | Any, padding_mask: Tensor | None) -> Tensor:
+        pos = _get(batch, "positions")
+        return pos if padding_mask is None else pos.masked_fill(~padding_mask, self.config.max_seq_len)
+
+    @staticmethod
+    def gather(encoder_mask: Tensor) -> Gathered:
+        """Positions of the encoder's tokens, in order, padded to the batch's largest count (scFoundation
+        ``gatherData``)."""
+        counts = encoder_mask.sum(1)  # [B]
+        n = max(int(counts.max()), 1) if encoder_mask.numel() else 1
+        order = torch.argsort((~encoder_mask).to(torch.int8), dim=1, stable=True)  # selected first, in order
+        index = order[:, :n]  # [B, N]
+        real = torch.arange(n, device=encoder_mask.device)[None] < counts[:, None]  # [B, N]
+        return Gathered(index, real)
+
+    def encode(self, batch: Mapping[str, Any] | Any) -> tuple[Tensor, Gathered]:
+        """Encoder output over the ``encoder_mask`` tokens: ([B, N, hidden], their positions)."""
+        padding_mask = self._check(batch)
+        enc_mask = _get(batch, "encoder_mask")
+        if padding_mask is not None:
+            enc_mask = enc_mask & padding_mask
+        g = self.gather(enc_mask)
+        values = _get(batch, "values").float().gather(1, g.index)
+        positions = self._positions(batch, padding_mask).gather(1, g.index).masked_fill(~g.real,
+                                                                                       self.config.max_seq_len)
+        x = self.token_emb(values, None, g.real) + self.pos_emb(positions)  # [B, N, hidden]
+        return self.encoder(x, Layout(padding_mask=g.real)), g
+
+    def decode(self, batch: Mapping[str, Any] | Any, encoded: Tensor, g: Gathered) -> Tensor:
+        """Decoder hidden states over the full length, after ``norm``: [B, L, decoder_hidden]."""
+        padding_mask = self._check(batch)
+        values = _get(batch, "values").float()
+        masked = _get(batch, "value_mask")
+        real = torch.ones_like(masked) if padding_mask is None else padding_mask
+        from_encoder = torch.zeros_like(masked).scatter(1, g.index, g.real)  # [B, L]
+        # token embeddings of the other positions: emb_mask, emb_pad, or the embedding of value 0 -- one vector
+        # each, so the b-bin auto-discretisation runs only where a non-zero value is not given to the encoder
+        # (nowhere, for encoding=continuous batches)
+        emb = self.token_emb
+        zero = emb(values.new_zeros(1, 1))[0, 0]  # [hidden]
+        x = torch.where(masked[..., None], emb.emb_mask.weight[0], zero)
+        x = torch.where(real[..., None], x, emb.emb_pad.weight[0])  # [B, L, hidden]
+        rest = ~from_encoder & ~masked & real & (values != 0)
+        if bool(rest.any()):
+            x = x.masked_scatter(rest[..., None], emb(values[rest][None])[0])
+        idx = g.index[..., None].expand(-1, -1, x.shape[-1])  # [B, N, hidden]
+        placed = torch.zeros_like(x).scatter(1, idx, encoded.to(x.dtype))  # a permutation: no collisions
+        x = torch.where(from_encoder[..., None], placed, x) + self.pos_emb(self._positions(batch, padding_mask))
+        x = self.decoder(self.decoder_embed(x), Layout(padding_mask=padding_mask))
+        return self.norm(x)
+
+    def gene_mask(self, batch: Mapping[str, Any] | Any) -> Tensor:
+        """[B, L] True at gene tokens (not T/S, not padding); every row must have the same number."""
+        genes = _get(batch, "token_kind") == 0
+        pm = batch.get("padding_mask", None)
+        if pm is not None:
+            genes = genes & pm
+        counts = genes.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ScfmInputError("cells of one batch have different numbers of genes",
+                                 where="batch['token_kind']", fix="use encoding=continuous (one fixed gene list)")
+        return genes
+
+    def genes(self, x: Tensor, batch: Mapping[str, Any] | Any) -> Tensor:
+        """The gene tokens of a per-token tensor: [B, L, ...] -> [B, n_genes, ...] (T/S and padding dropped)."""
+        mask = self.gene_mask(batch)
+        return x[mask].view(x.shape[0], -1, *x.shape[2:])
+
+    def forward(self, batch: Mapping[str, Any] | Any) -> dict[str, Tensor]:
+        """``pred`` [B, n_genes] (values predicted at every gene), ``encoded`` [B, N, hidden], ``encoder_index``
+        and ``encoder_real`` [B, N]."""
+        encoded, g = self.encode(batch)
+        hidden = self.genes(self.decode(batch, encoded, g), batch)  # [B, G, decoder_hidden]: T/S dropped
+        return {"pred": self.to_final(hidden).squeeze(-1), "encoded": encoded, "encoder_index": g.index,
+                "encoder_real": g.real}
+
+    def cell_embedding(self, batch: Mapping[str, Any] | Any, pool: str = "all") -> Tensor:
+        """scFoundation's cell embedding from the encoder: ``all`` -> [B, 4 × hidden] = [S, T, max over genes,
+        mean over genes]; ``max`` -> [B, hidden], the max over all encoder tokens."""
+        if pool not in ("all", "max"):
+            raise ScfmInputError(f"unknown pool {pool!r}", where="cell_embedding", fix="pool='all' or 'max'")
+        encoded, g = self.encode(batch)  # [B, N, D]
+        if pool == "max":
+            return encoded.masked_fill(~g.real[..., None], -math.inf).amax(1)
+        kind = _get(batch, "token_kind").gather(1, g.index).masked_fill(~g.real, -1)  # [B, N]
+
+        def pick(k: int) -> Tensor:  # the (single) token of kind k, zeros if absent
+            w = (kind == k).to(encoded.dtype)
+            return torch.einsum("bn,bnd->bd", w, encoded)
+
+        gene = (kind == 0)[..., None]
+        n = gene.sum(1).clamp_min(1).to(encoded.dtype)
+        gmax = encoded.masked_fill(~gene, -math.inf).amax(1)
+        gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))  # a cell without genes: 0
+        gmean = (encoded * gene).sum(1) / n
+        return torch.cat([pick(2), pick(1), gmax, gmean], dim=-1)
