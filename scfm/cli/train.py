@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scfm.cli import conf_dir
 from scfm.errors import ScfmInputError
+from scfm.scale import apply_scale
 
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 
@@ -53,6 +54,9 @@ def validate(cfg: DictConfig) -> None:
     Hardware (CUDA, bf16, optional packages) is checked against the machine this runs on; each message gives a
     valid alternative. The objective class's own ``check_config(cfg)`` runs last.
     """
+    if cfg.get("scale") is not None and not cfg.scale.get("applied", False):
+        raise ScfmInputError(f"scale={cfg.scale.get('name')} is in the config but was not applied", where="scale",
+                             fix="call scfm.scale.apply_scale(cfg) first (scfm-train and train() do)")
     strategy = _typed(cfg.get("strategy") or {}, StrategyNode, "strategy")
     _typed(cfg.get("precision") or {}, PrecisionNode, "precision")
     _check_hardware(cfg, strategy)
@@ -282,6 +286,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from scfm.training import AtomicCheckpointIO, DataEpoch, LossPlot, RNGState, stale_checkpoint_parts
 
     _quiet_known_warnings()
+    cfg = apply_scale(cfg)  # scale=<name> shrinks the preset (explicit command-line values win); no-op without it
     validate(cfg)
     out = Path(cfg.paths.output_dir)
     ckpt = resume_path(cfg, out)
@@ -292,6 +297,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             part.unlink(missing_ok=True)
         if ckpt is not None and (out / "metrics.csv").is_file():  # Lightning's CSVLogger would delete it
             _keep_previous_metrics(out / "metrics.csv")
+        applied = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what runs (.hydra/: the input)
+        OmegaConf.save(applied, out / "config_applied.yaml", resolve=True)
     datamodule, module = build(cfg)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
