@@ -13,7 +13,10 @@ source file is the baseline's input unless ``--h5ad``); or ``--builtin pbmc3k`` 
   ``--baseline-cells`` random cells in random order.
 
 One JSON line per worker count on stdout; progress on stderr. ``cells_per_s_per_worker`` divides by W (W=0: the
-main process is the one worker). Encodings are entries of ``ENCODINGS`` (scfm encoding + naive row encoder).
+main process is the one worker). ``cpu_s`` is the CPU time of the epoch (main process + loader workers, user +
+system) and ``cells_per_cpu_s`` = cells / ``cpu_s``: on a shared machine whose other jobs take cores away, it moves
+far less than wall-clock throughput (each process still competes for caches and memory bandwidth). Encodings are
+entries of ``ENCODINGS`` (scfm encoding + naive row encoder).
 
 Quick:  python bench/loader.py --cells 20000 --baseline-cells 500
 Full:   python bench/loader.py --cells 100000 --baseline-cells 2000
@@ -22,8 +25,10 @@ Full:   python bench/loader.py --cells 100000 --baseline-cells 2000
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +161,7 @@ def scfm_epoch(corpus: Path, encoding: Any, workers: int) -> dict[str, float]:
                         val_fraction=0.0, num_workers=workers, progress=False)
     dm.setup()
     loader = dm.train_dataloader()
+    cpu = _cpu_s()
     t = time.perf_counter()
     cells = tokens = batches = 0
     first = None
@@ -166,8 +172,17 @@ def scfm_epoch(corpus: Path, encoding: Any, workers: int) -> dict[str, float]:
         cells += len(lengths)
         tokens += int(lengths.sum())
         batches += 1
-    return {"s": time.perf_counter() - t, "first_batch_s": first or 0.0, "cells": cells, "tokens": tokens,
-            "batches": batches, "corpus_cells": dm.corpus.n_cells}
+    wall = time.perf_counter() - t
+    del batch, loader  # ends the workers: their CPU time is counted once they are reaped
+    gc.collect()
+    return {"s": wall, "first_batch_s": first or 0.0, "cells": cells, "tokens": tokens,
+            "batches": batches, "corpus_cells": dm.corpus.n_cells, "cpu_s": _cpu_s() - cpu}
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its reaped children (the loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def resolve(args: argparse.Namespace) -> tuple[Path, Path, str]:
@@ -220,6 +235,7 @@ def main() -> None:
                "encoding": args.encoding, "max_len": args.max_len, "batch_size": 12, "corpus": label,
                "n_cells": r["cells"], "corpus_cells": r["corpus_cells"], "n_batches": r["batches"],
                "tokens_per_cell": round(r["tokens"] / r["cells"], 1), "epoch_s": round(r["s"], 3),
+               "cpu_s": round(r["cpu_s"], 3), "cells_per_cpu_s": round(r["cells"] / r["cpu_s"]),
                "first_batch_s": round(r["first_batch_s"], 3), "baseline_cells": base["cells"],
                "baseline_s": round(base["s"], 3), "baseline_tokens_per_cell": round(base["tokens_per_cell"], 1),
                "nproc": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}

@@ -2,6 +2,7 @@
 
   python bench/profiling.py prepare /tmp/bench_work/synth-200000c-33538g-1600nnz-s0.h5ad --sort cumtime
   python bench/profiling.py loader /tmp/bench_work/corpus-synth-100000c-33538g-1600nnz-s0 --workers 0
+  python bench/profiling.py loader /tmp/bench_work/corpus-synth-20000c-33538g-1600nnz-s0 --encoding bin
 
 ``prepare`` also samples RSS every 5 ms and reports the peak and the phase it fell in (write / gene stats).
 With ``--workers`` > 0 only the main process is profiled (where batches are received). Set ``PYTHONPATH`` to a
@@ -59,11 +60,28 @@ def profile_prepare(path: str, profiler: cProfile.Profile) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def profile_loader(path: str, workers: int, profiler: cProfile.Profile) -> None:
-    from scfm.data.datamodule import CellDataModule
+def _encoding(name: str, path: str):
+    """The encodings at their papers' lengths, as ``bench/loader.py`` builds them (continuous: the first 19,264
+    gene tokens of the vocabulary as the gene list)."""
+    from scfm.corpus import Corpus
+    from scfm.encodings.bin import BinEncoding
+    from scfm.encodings.continuous import ContinuousEncoding
     from scfm.encodings.rank import RankEncoding
 
-    dm = CellDataModule(RankEncoding(max_len=2048), {"strategy": "random", "batch_size": 12}, corpus=path,
+    if name == "rank":
+        return RankEncoding(max_len=2048)
+    if name == "bin":
+        return BinEncoding(max_len=1200)
+    genes = WORK / "gene_list_19264.txt"
+    genes.parent.mkdir(parents=True, exist_ok=True)
+    genes.write_text("\n".join(Corpus(path).vocab.gene_ids[:19_264]) + "\n")
+    return ContinuousEncoding(gene_list=str(genes))
+
+
+def profile_loader(path: str, workers: int, profiler: cProfile.Profile, encoding: str = "rank") -> None:
+    from scfm.data.datamodule import CellDataModule
+
+    dm = CellDataModule(_encoding(encoding, path), {"strategy": "random", "batch_size": 12}, corpus=path,
                         val_fraction=0.0, num_workers=workers, progress=False)
     dm.setup()
     cells = 0
@@ -79,6 +97,7 @@ def main() -> None:
     ap.add_argument("what", choices=["prepare", "loader"])
     ap.add_argument("path", help="prepare: an .h5ad file; loader: a prepared corpus")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--encoding", choices=["rank", "bin", "continuous"], default="rank", help="loader only")
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
@@ -87,7 +106,7 @@ def main() -> None:
     if args.what == "prepare":
         profile_prepare(args.path, profiler)
     else:
-        profile_loader(args.path, args.workers, profiler)
+        profile_loader(args.path, args.workers, profiler, args.encoding)
     log(f"{args.what}: {time.perf_counter() - t:.2f} s (under cProfile)")
     pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
 

@@ -269,6 +269,18 @@ def test_lengths_match_encoding(pbmc_corpus, kw):
         assert not np.isin(2, out["gene_ids"])
 
 
+def test_lengths_count_only_nonzero_counts():
+    """A corpus holds non-zero counts only (lengths = cell sizes); explicit zeros elsewhere are not counted."""
+    enc = BinEncoding(max_len=3).bind(TINY)
+    offsets = np.array([0, 0, 2, 5])
+    nonzero = SimpleNamespace(counts=np.array([1, 4, 2, 2, 9]), offsets=offsets)
+    np.testing.assert_array_equal(enc.lengths(nonzero), [1, 3, 3])  # <cls> + min(n, 2)
+    zeros = SimpleNamespace(counts=np.array([0, 4, 0, 0, 9]), offsets=offsets)
+    np.testing.assert_array_equal(enc.lengths(zeros), [1, 2, 2])
+    out = enc.encode(np.array([5, 6, 5, 6, 7]), zeros.counts, offsets, np.array([0, 4, 9]))
+    np.testing.assert_array_equal(np.diff(out["offsets"]), enc.lengths(zeros))
+
+
 def test_empty_cells_and_empty_blocks():
     enc = BinEncoding(max_len=10, n_bins=2).bind(TINY)
     out = enc.encode(np.array([5, 6, 9]), np.array([0, 0, 3]), np.array([0, 0, 2, 3]), np.array([0, 4, 3]))

@@ -11,9 +11,10 @@ import torch
 from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from scfm.data.batching import Batching
+from scfm.data import stream as stream_module
+from scfm.data.batching import Batching, collate, collate_arrays
 from scfm.data.datamodule import CellDataModule, _as_is
-from scfm.data.stream import CellStream
+from scfm.data.stream import CellStream, Packed
 from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
 
@@ -158,6 +159,36 @@ def test_resume_through_stateful_dataloader_with_workers(synthetic_corpus):
     rest = [b["cell_index"].tolist() for b in dl2]
     assert first + rest == full
     assert sorted(functools.reduce(operator.iadd, full, [])) == sorted(set(functools.reduce(operator.iadd, full, [])))
+
+
+@pytest.mark.parametrize("strategy", ["random", "packed"])
+def test_packed_transfer_lays_out_the_same_batch(pbmc_corpus, strategy):
+    s = stream(pbmc_corpus, strategy=strategy, batch_size=5, max_len=300)
+    shards, cells, _, batches = s.plan(0, 0, 1)
+    base = np.concatenate([[0], np.cumsum(pbmc_corpus.shard_sizes)])
+    part = s.encode_cells(shards[batches[0]], cells[batches[0]], base, 0)
+    packed = Packed.of(collate_arrays(part, "packed" if strategy == "packed" else "padded"))
+    assert packed.buffer.is_shared()
+    got, want = packed.lay_out(), collate(part, "packed" if strategy == "packed" else "padded")
+    assert set(got.keys()) == set(want.keys())
+    for k in sorted(want.keys()):
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_datamodule_workers_send_big_batches_packed(synthetic_corpus, monkeypatch):
+    """Every batch through shared memory (``Packed``, as big batches go) equals the batch laid out in the worker."""
+    monkeypatch.setattr(stream_module, "_PIPE_TOKENS", 0)  # loader workers are forked: they see the patch
+    dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(synthetic_corpus.path),
+                        val_fraction=0.0, num_workers=2, progress=False)
+    dm.setup()
+    got = list(dm.train_dataloader())
+    want = list(StatefulDataLoader(stream(synthetic_corpus, batch_size=16, max_len=64, val_fraction=0.0),
+                                   batch_size=None, num_workers=2, collate_fn=_as_is))
+    assert len(got) == len(want) > 2
+    for a, b in zip(got, want):
+        assert set(a.keys()) == set(b.keys())
+        for k in sorted(b.keys()):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_resume_rejects_a_different_seed(synthetic_corpus):

@@ -112,7 +112,13 @@ def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDi
     (True = real token). Packed: [1, T], plus ``positions`` [1, T], ``doc_ids`` [1, T], ``cu_seqlens`` [B+1]
     int32. Per-cell arrays pass through as [B].
     """
-    offsets = encoded["offsets"]
+    return TensorDict({k: torch.from_numpy(v) for k, v in collate_arrays(encoded, strategy, pad_id).items()},
+                      batch_size=[])
+
+
+def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors)."""
+    offsets = np.asarray(encoded["offsets"])
     lengths = np.diff(offsets)
     n = len(lengths)
     total = int(offsets[-1])
@@ -120,14 +126,14 @@ def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDi
     for k in token_keys:
         if len(encoded[k]) != total:
             raise ValueError(f"encoding output {k!r} has {len(encoded[k])} entries for {total} tokens")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     if strategy == "packed":
         positions = np.arange(total) - np.repeat(offsets[:-1], lengths)
         for k in token_keys:
-            out[k] = torch.from_numpy(np.ascontiguousarray(encoded[k]).astype(_dtype(encoded[k])))[None]
-        out["positions"] = torch.from_numpy(positions)[None]
-        out["doc_ids"] = torch.from_numpy(np.repeat(np.arange(n), lengths))[None]
-        out["cu_seqlens"] = torch.from_numpy(offsets.astype(np.int32))
+            out[k] = np.ascontiguousarray(encoded[k]).astype(_dtype(encoded[k]))[None]
+        out["positions"] = positions[None]
+        out["doc_ids"] = np.repeat(np.arange(n), lengths)[None]
+        out["cu_seqlens"] = offsets.astype(np.int32)
     else:
         width = int(lengths.max()) if n else 0
         cols = np.arange(width)[None, :]
@@ -139,13 +145,16 @@ def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDi
             else:
                 grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=_dtype(encoded[k]))
                 grid[mask] = encoded[k]
-            out[k] = torch.from_numpy(grid)
-        out["positions"] = torch.from_numpy(np.where(mask, cols, 0))
-        out["padding_mask"] = torch.from_numpy(mask)
-    out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
+            out[k] = grid
+        positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+        if not full:
+            positions[~mask] = 0
+        out["positions"] = positions
+        out["padding_mask"] = mask
+    out["lengths"] = lengths.astype(np.int64)
     for k, v in encoded.get("cell", {}).items():
-        out[k] = torch.as_tensor(v)
-    return TensorDict(out, batch_size=[])
+        out[k] = np.asarray(v)
+    return out
 
 
 def _dtype(a: np.ndarray) -> type:

@@ -15,19 +15,21 @@ replays the plan and skips the served batches without reading them, then continu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
+from tensordict import TensorDict
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scfm.corpus import Corpus
-from scfm.data.batching import Batching, collate
+from scfm.data.batching import Batching, collate, collate_arrays
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many encoded tokens are read and encoded together
-_PIPE_TOKENS = 1 << 16  # batches up to this many tokens leave a loader worker as ``Encoded``
+_PIPE_TOKENS = 1 << 16  # batches up to this many tokens leave a loader worker as ``Encoded``, bigger ones ``Packed``
 
 
 class Encoded(NamedTuple):
@@ -40,6 +42,41 @@ class Encoded(NamedTuple):
 
     def lay_out(self) -> Any:
         return collate(self.arrays, self.strategy)
+
+
+class Packed(NamedTuple):
+    """A laid-out batch in one shared-memory buffer: how a loader worker sends a big batch (e.g. 12 cells × 19,266
+    tokens of ``encoding=continuous``: ~8 MB laid out). One buffer crosses as one file descriptor instead of one per
+    tensor, and ``lay_out()`` makes the batch's tensors as views of it (no copy)."""
+
+    buffer: torch.Tensor  # uint8, in shared memory
+    fields: tuple  # (key, numpy dtype str, shape, byte offset) per tensor of the batch
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray]) -> Packed:
+        fields, size = [], 0
+        for key, a in arrays.items():
+            size = -(-size // 64) * 64  # each tensor 64-byte aligned
+            fields.append((key, a.dtype.str, a.shape, size))
+            size += a.nbytes
+        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
+        flat = buffer.numpy()
+        for (_key, _, _, at), a in zip(fields, arrays.values()):
+            flat[at:at + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
+        return cls(buffer, tuple(fields))
+
+    def lay_out(self) -> TensorDict:
+        out = {}
+        for key, dtype, shape, at in self.fields:
+            dtype = np.dtype(dtype)
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out[key] = self.buffer[at:at + n].view(_TORCH_DTYPE[dtype]).view(shape)
+        return TensorDict(out, batch_size=[])
+
+
+_TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32,
+                np.dtype(np.float64): torch.float64, np.dtype(np.bool_): torch.bool, np.dtype(np.int8): torch.int8,
+                np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
 
 
 CONDITIONS = ("cell_type", "batch", "perturbation", "modality")
@@ -243,8 +280,12 @@ class CellStream(IterableDataset):
             for j in range(b, end):
                 hi = lo + len(batches[j])
                 part = _cell_slice(encoded, lo, hi)
-                small = part["offsets"][-1] <= _PIPE_TOKENS  # big batches: shared memory is cheaper than the pipe
-                loaded = Encoded(part, strategy) if send_arrays and small else collate(part, strategy)
+                if not send_arrays:
+                    loaded = collate(part, strategy)
+                elif part["offsets"][-1] <= _PIPE_TOKENS:
+                    loaded = Encoded(part, strategy)
+                else:  # big batches: one shared-memory buffer is cheaper than the pipe
+                    loaded = Packed.of(collate_arrays(part, strategy))
                 lo = hi
                 self._served = j + 1  # count before yielding: the loader snapshots state right after a yield
                 yield loaded
@@ -266,23 +307,36 @@ class CellStream(IterableDataset):
             groups.append((shard, sel))
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
-        genes = np.empty(offsets[-1], dtype=groups[0][0].gene_ids.dtype if groups else np.int32)
-        counts = np.empty(offsets[-1], dtype=groups[0][0].counts.dtype if groups else np.int32)
-        for shard, sel in groups:
-            n_tok = lens[sel]
-            first = np.repeat(offsets[sel], n_tok)  # output position of each token's cell
-            dst = first + np.arange(first.size) - np.repeat(np.cumsum(n_tok) - n_tok, n_tok)
-            src = dst + np.repeat(starts[sel] - offsets[sel], n_tok)
-            genes[dst] = shard.gene_ids[src]
-            counts[dst] = shard.counts[src]
+        if len(groups) == 1:  # one shard: a token's position in it is its position in the block + a shift
+            shard = groups[0][0]
+            src = np.repeat(starts - offsets[:-1], lens)
+            src += np.arange(len(src), dtype=np.int64)
+            genes, counts = shard.gene_ids[src], shard.counts[src]
+        else:
+            genes = np.empty(offsets[-1], dtype=groups[0][0].gene_ids.dtype if groups else np.int32)
+            counts = np.empty(offsets[-1], dtype=groups[0][0].counts.dtype if groups else np.int32)
+            for shard, sel in groups:
+                n_tok = lens[sel]
+                first = np.repeat(offsets[sel], n_tok)  # output position of each token's cell
+                dst = first + np.arange(first.size) - np.repeat(np.cumsum(n_tok) - n_tok, n_tok)
+                src = dst + np.repeat(starts[sel] - offsets[sel], n_tok)
+                genes[dst] = shard.gene_ids[src]
+                counts[dst] = shard.counts[src]
         cell_index = base[shards] + cells
-        epoch_key = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        epoch_key = _epoch_key(self.seed, epoch)
         seeds = epoch_key ^ cell_index.astype(np.uint64)  # per-cell seeds for stochastic encodings
         encoded = self.encoding.encode(genes, counts, offsets, totals, cell_seeds=seeds)
         encoded.setdefault("cell", {})["cell_index"] = cell_index
         if self.conditions:
             self._add_conditions(encoded, shards, cells)
         return encoded
+
+
+@lru_cache(maxsize=4)
+def _epoch_key(seed: int, epoch: int) -> np.uint64:
+    """The epoch's 64-bit key, XOR-ed with a cell's global index to make its seed (SeedSequence hashing, ~80 µs:
+    once per epoch, not once per block)."""
+    return np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
 
 
 def _gather_per_shard(per_shard: Callable[[int], np.ndarray], shards: np.ndarray, cells: np.ndarray) -> np.ndarray:

@@ -30,11 +30,13 @@ Input genes may come in any order within a cell (they are sorted by token id fir
 are dropped; a duplicated gene in a cell or a negative count is an error.
 
 Implementation, vectorised over the block: counts are integers and the value is monotone in the count, so
-runs of equal values come from a dense (cell, count) histogram and tokens are never sorted. numpy's
+runs of equal values come from a (cell, count) table — a dense range of small counts per cell (run = arithmetic
+on the count), ``np.unique`` for the few larger ones — and tokens are never sorted. numpy's
 ``quantile`` is repeated for each cell's n_bins − 1 edges with the same float64 operations (its rounding
 artifacts included); an edge lies between two neighbouring order statistics a <= edge <= b and is compared
 with those two only; ``left`` / ``right`` of a run are counts of the edges below it. Only the per-cell draws
-are a Python loop.
+are a Python loop; a sampled cell's picks set a keep-mask over its tokens (ascending order without a sort), and only
+the kept tokens are binned and laid out.
 """
 
 from __future__ import annotations
@@ -99,38 +101,48 @@ def _quantiles(n_bins: int) -> np.ndarray:
     return np.linspace(0, 1, n_bins - 1)
 
 
-def _runs(counts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``np.unique`` of the (cell, count) pairs: (run_cell, run_count, run_size, token_run), cell-major and
-    counts ascending. Counts below a cap go through a dense (cell, count) histogram (no sort); the few above
-    it are sorted."""
+_DENSE_CAP = 64  # counts below this go through the dense (cell, count) table: most counts of a cell are small
+
+
+def _runs(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The (cell, count) runs of a block: (run_cell, run_count, run_size, token_run), cell-major and counts
+    ascending. Each cell owns a dense range of ``cap`` runs (counts 0 … cap − 1, most of them empty: size 0),
+    followed by one run per distinct count >= cap (``np.unique`` of those few). No token is sorted and the
+    run of a small count is found by arithmetic, not by a lookup."""
+    lens = np.diff(offsets)
     n_cells = len(lens)
-    cap = int(min(int(counts.max()) + 1, max((2 * len(counts) + 4096) // n_cells, 2)))
-    base = np.repeat(np.arange(n_cells, dtype=np.int64) * cap, lens)
+    top = int(counts.max()) + 1
+    cap = min(top, _DENSE_CAP)
     small = counts < cap
-    if small.all():
-        bins = base + counts
-        hist = np.bincount(bins, minlength=n_cells * cap)
-        occupied = np.flatnonzero(hist)
-        rank = np.zeros(n_cells * cap, dtype=np.int64)
-        rank[occupied] = np.arange(len(occupied))
-        return occupied // cap, occupied % cap, hist[occupied], rank[bins]
-    bins = base[small] + counts[small]
-    hist = np.bincount(bins, minlength=n_cells * cap)
-    occupied = np.flatnonzero(hist)
-    rank = np.zeros(n_cells * cap, dtype=np.int64)
-    rank[occupied] = np.arange(len(occupied))
-    big_keys, big_inverse, big_size = np.unique(((base[~small] // cap) << np.int64(32)) | counts[~small],
-                                                return_inverse=True, return_counts=True)
-    keys = np.concatenate([((occupied // cap) << np.int64(32)) | (occupied % cap), big_keys])
-    order = np.argsort(keys)  # runs only: few
-    position = np.empty(len(keys), dtype=np.int64)
-    position[order] = np.arange(len(keys))
-    token_run = np.empty(len(counts), dtype=np.int64)
-    token_run[small] = position[rank[bins]]
-    token_run[~small] = position[len(occupied) + big_inverse]
-    keys = keys[order]
-    return keys >> np.int64(32), keys & np.int64(0xFFFFFFFF), np.concatenate([hist[occupied], big_size])[order], \
-        token_run
+    n_big = len(counts) - int(np.count_nonzero(small))
+    if n_big * 8 > len(counts):  # deep cells: a wider table is cheaper than sorting many tokens
+        cap = min(top, max(_DENSE_CAP, (2 * len(counts) + 4096) // max(n_cells, 1)))
+        small = counts < cap
+        n_big = len(counts) - int(np.count_nonzero(small))
+    cells = np.arange(n_cells, dtype=np.int64)
+    if not n_big:
+        token_run = np.repeat(cells * cap, lens)
+        token_run += counts
+        return (np.repeat(cells, cap), np.tile(np.arange(cap, dtype=np.int64), n_cells),
+                np.bincount(token_run, minlength=n_cells * cap), token_run)
+    big = np.flatnonzero(~small)
+    big_cell = np.searchsorted(offsets, big, side="right") - 1
+    keys, inverse = np.unique((big_cell << np.int64(32)) | counts[big], return_inverse=True)
+    key_cell = keys >> np.int64(32)
+    big_before = np.searchsorted(key_cell, np.arange(n_cells + 1, dtype=np.int64))  # big runs of earlier cells
+    start = cells * cap + big_before[:-1]  # a cell's first run
+    key_run = start[key_cell] + cap + (np.arange(len(keys)) - big_before[key_cell])
+    token_run = np.repeat(start, lens)
+    token_run += counts
+    token_run[big] = key_run[inverse]
+    n_runs = n_cells * cap + len(keys)
+    is_big = np.zeros(n_runs, dtype=bool)
+    is_big[key_run] = True
+    run_count = np.empty(n_runs, dtype=np.int64)
+    run_count[~is_big] = np.tile(np.arange(cap, dtype=np.int64), n_cells)
+    run_count[key_run] = keys & np.int64(0xFFFFFFFF)
+    return (np.repeat(cells, cap + np.diff(big_before)), run_count, np.bincount(token_run, minlength=n_runs),
+            token_run)
 
 
 def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins: int):
@@ -144,7 +156,7 @@ def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins:
     if offsets[-1] == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32), empty, empty
-    run_cell, run_count, run_size, token_run = _runs(np.asarray(counts).astype(np.int64, copy=False), lens)
+    run_cell, run_count, run_size, token_run = _runs(np.asarray(counts).astype(np.int64, copy=False), offsets)
     run_value = normalised_value(run_count, np.asarray(scale, dtype=np.float64)[run_cell])
     same = (run_cell[1:] == run_cell[:-1]) & (run_value[1:] == run_value[:-1])
     if same.any():  # distinct counts, one float32 value (only at absurd depths): merge the runs
@@ -179,6 +191,7 @@ def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins:
     earlier = (run_cell if filled.all() else (np.cumsum(filled) - 1)[run_cell]) * n_edges  # earlier cells' edges
     left = np.cumsum(np.bincount(below.ravel(), minlength=n_runs + 1)[:n_runs]) - earlier
     right = np.cumsum(np.bincount(upto.ravel(), minlength=n_runs + 1)[:n_runs]) - earlier
+    right[run_size == 0] = left[run_size == 0]  # empty runs (no token): never a tie
     return token_run, run_cell, run_value, left, right
 
 
@@ -249,9 +262,17 @@ class BinEncoding:
     def lengths(self, shard) -> np.ndarray:
         """Encoded length of every cell of a shard (no binning)."""
         self._check_bound()
-        nonzero = np.concatenate([[0], np.cumsum(np.asarray(shard.counts) > 0)])
-        offsets = np.asarray(shard.offsets)
-        n = self._candidates(nonzero[offsets[1:]] - nonzero[offsets[:-1]])
+        offsets = np.asarray(shard.offsets, dtype=np.int64)
+        counts = np.asarray(shard.counts)
+        if self.include_zero_genes:
+            n = np.full(len(offsets) - 1, len(self.gene_tokens), dtype=np.int64)
+        elif not len(counts) or counts.min() > 0:  # a corpus holds non-zero counts only: a cell's length is its size
+            n = np.diff(offsets)
+        else:
+            nonzero = np.zeros(len(offsets) - 1, dtype=np.int64)
+            filled = offsets[1:] > offsets[:-1]
+            nonzero[filled] = np.add.reduceat((counts > 0).view(np.int8), offsets[:-1][filled], dtype=np.int64)
+            n = nonzero
         return np.minimum(n, self.max_genes) + int(self.append_cls)
 
     def _check_bound(self) -> None:
@@ -287,34 +308,49 @@ class BinEncoding:
         streams = CellStreams(seeds[draw_cells])
         u = np.zeros(len(token_run))
         picks: dict[int, np.ndarray] = {}
+        keep = None  # without zero genes: which tokens are kept (ascending token order = the kept order)
+        if sampled.any() and not self.include_zero_genes:
+            keep = np.ones(len(token_run), dtype=bool)
+        offs, cand, samp = offsets.tolist(), candidates.tolist(), sampled.tolist()
         for i, c in enumerate(draw_cells.tolist()):
             rng = streams(i)  # = cell_rng(seeds[c])
-            rng.random(out=u[offsets[c]:offsets[c + 1]])  # first: one draw per non-zero gene, token order
-            if sampled[c]:  # then: the kept candidates
-                picks[c] = np.sort(rng.choice(int(candidates[c]), room, replace=False, shuffle=False))
-        values = run_value[token_run]
-        # scGPT's _digitize(side="both"): ceil(u·(right − left) + left), = left where untied
-        bins = np.ceil(u * run_spread[token_run] + run_left[token_run]).astype(np.int64)
+            lo, hi = offs[c], offs[c + 1]
+            rng.random(out=u[lo:hi])  # first: one draw per non-zero gene, token order
+            if samp[c]:  # then: the kept candidates (a mask keeps them in ascending order: no sort needed)
+                pick = rng.choice(cand[c], room, replace=False, shuffle=False)
+                if keep is None:
+                    picks[c] = np.sort(pick)
+                else:
+                    keep[lo:hi] = False
+                    keep[lo + pick] = True
         kept = np.minimum(candidates, room)
-        if self.include_zero_genes:
-            parts = self._with_zero_genes(gene_ids, values, bins, lens, kept, picks)
-            src, picks = np.concatenate([[0], np.cumsum(kept)]).tolist(), {}
-        else:
-            parts, src = (gene_ids, bins, values), offsets.tolist()
         head = int(self.append_cls)
         out_offsets = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(kept + head, out=out_offsets[1:])
-        dst = out_offsets.tolist()
+        if self.include_zero_genes:
+            values = run_value[token_run]
+            # scGPT's _digitize(side="both"): ceil(u·(right − left) + left), = left where untied
+            bins = np.ceil(u * run_spread[token_run] + run_left[token_run]).astype(np.int64)
+            parts = self._with_zero_genes(gene_ids, values, bins, lens, kept, picks)
+        else:
+            if keep is not None:  # only the kept tokens are binned and laid out
+                index = np.flatnonzero(keep)
+                gene_ids, token_run, u = gene_ids[index], token_run[index], u[index]
+            bins = np.ceil(u * run_spread[token_run] + run_left[token_run]).astype(np.int64)
+            parts = (gene_ids, bins, run_value[token_run])
         out = {"offsets": out_offsets}
         layout = (("gene_ids", self.cls_id, np.int64), ("values_bin", 0, np.int64),
                   ("values", self.cls_value, np.float32))
+        if head:
+            body = np.ones(int(out_offsets[-1]), dtype=bool)
+            body[out_offsets[:-1]] = False
         for (key, cls, dtype), part in zip(layout, parts):
-            target = out[key] = np.empty(dst[-1], dtype=dtype)
-            if head:
-                target[out_offsets[:-1]] = cls
-            for c in range(n_cells):  # per-cell slice copies: faster than one scatter
-                chosen = part[src[c]:src[c + 1]] if c not in picks else part[src[c] + picks[c]]
-                target[dst[c] + head:dst[c + 1]] = chosen
+            if not head:
+                out[key] = part.astype(dtype, copy=False)
+                continue
+            target = out[key] = np.empty(int(out_offsets[-1]), dtype=dtype)
+            target[out_offsets[:-1]] = cls
+            target[body] = part
         return out
 
     def _with_zero_genes(self, gene_ids, values, bins, lens, kept, picks):

@@ -263,16 +263,19 @@ class ContinuousEncoding:
             raise ScfmInputError(f"cell {i}: total_counts {totals[i]} < its counts over the gene list {raw_in[i]}",
                                  fix="totals must count all input genes (the corpus's total_counts)")
 
-        # per-cell draws, in the module docstring's order (plain Python scalars: this loop is the hot part)
+        # per-cell draws, in the module docstring's order (plain Python scalars: this loop is the hot part). The
+        # mask draws of every cell land in one buffer, in the order of the entries with c' > 0 (all of a cell's
+        # entries unless it is down-sampled), and are compared with p_nz once, after the loop.
         thin = c.copy()  # c', the down-sampled counts
         off_thin = (totals - raw_in).tolist()  # counts outside the gene list, thinned with the same rate
-        mask_nz = np.zeros(len(c), dtype=bool)
+        draws = np.empty(len(c))
         zero_pick: list[np.ndarray] = []
         down, rate = [False] * n, [1.0] * n
         p_ds, p_nz, p_z, a, b = self.downsample_prob, self.mask_nonzero, self.mask_zero, self.beta_a, self.beta_b
         min_total = self.downsample_min_total
         bl, tl = bounds.tolist(), totals.tolist()
         streams = CellStreams(cell_seeds)
+        at = 0  # next free slot of ``draws``
         for i in range(n):
             rng = streams(i)  # == cell_rng(cell_seeds[i])
             lo, hi = bl[i], bl[i + 1]
@@ -282,11 +285,14 @@ class ContinuousEncoding:
                 thin[lo:hi] = seg
                 off_thin[i] = int(rng.binomial(off_thin[i], g))
                 down[i], rate[i] = True, g
-                nz = np.flatnonzero(seg) + lo
-                mask_nz[nz] = rng.random(len(nz)) < p_nz
+                k = int(np.count_nonzero(seg))
             else:
-                mask_nz[lo:hi] = rng.random(hi - lo) < p_nz
+                k = hi - lo
+            rng.random(out=draws[at:at + k])
+            at += k
             zero_pick.append(rng.choice(G, rng.binomial(G, p_z), replace=False, shuffle=False))
+        mask_nz = np.zeros(len(c), dtype=bool)
+        mask_nz[thin > 0] = draws[:at] < p_nz
 
         tsum = np.concatenate([[0], np.cumsum(thin)])
         thin_in = tsum[bounds[1:]] - tsum[bounds[:-1]]  # Σc' over the gene list
