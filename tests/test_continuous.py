@@ -433,3 +433,16 @@ def test_bad_config_and_input(pbmc_corpus, tmp_path):
         enc.encode(np.array([10, 10]), np.array([1, 2]), np.array([0, 2]), np.array([5]))
     with pytest.raises(ScfmInputError, match="total_counts"):
         enc.encode(np.array([10, 11]), np.array([3, 2]), np.array([0, 2]), np.array([4]))
+
+
+def test_max_genes_keeps_the_most_often_expressed_in_list_order(pbmc_corpus):
+    full = ContinuousEncoding().bind(pbmc_corpus)
+    small = ContinuousEncoding(max_genes=100).bind(pbmc_corpus)
+    assert small.n_genes == 100 and small.max_len == 102
+    stats = pbmc_corpus.gene_stats.set_index("token_id")["n_nonzero"]
+    kept = small.gene_tokens
+    assert (np.diff(np.searchsorted(full.gene_tokens, kept)) > 0).all()  # list order
+    dropped = np.setdiff1d(full.gene_tokens, kept)
+    assert stats.reindex(kept).min() >= stats.reindex(dropped).max()
+    with pytest.raises(ScfmInputError, match="max_genes"):
+        ContinuousEncoding(max_genes=0)

@@ -243,3 +243,15 @@ def test_split_by_an_obs_column(tmp_path, pbmc):
 def test_split_column_needs_a_declared_split(pbmc_corpus):
     with pytest.raises(ScfmInputError, match=r"columns\.split"):
         stream(pbmc_corpus, split_column="split")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_packed_ranks_serve_equal_batch_counts(pbmc_corpus, world):
+    """DDP syncs every step: a rank with one more pack than the others would hang at the epoch's end."""
+    counts = []
+    for rank in range(world):
+        s = stream(pbmc_corpus, strategy="packed", batch_size=8, max_len=2048, world_size=world, rank=rank)
+        counts.append((len(s), sum(1 for _ in s)))
+    assert len({c for pair in counts for c in pair}) == 1, counts
+    single = stream(pbmc_corpus, strategy="packed", batch_size=8, max_len=2048)
+    assert counts[0][0] * world <= len(single) + world  # only the last few packs of a rank are dropped

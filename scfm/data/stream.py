@@ -113,6 +113,7 @@ class CellStream(IterableDataset):
         self._check_conditions()
         self._codes: dict[tuple[int, str], np.ndarray] = {}
         self._lengths: dict[int, np.ndarray] = {}
+        self._fewest_packs: dict[tuple[int, int], int] = {}
         if split_column is not None and "split" not in corpus.columns:
             raise ScfmInputError(f"split_column={split_column!r} but the corpus has no 'split' column "
                                  f"(its label columns: {corpus.columns})",
@@ -252,7 +253,25 @@ class CellStream(IterableDataset):
         into them."""
         shards, cells = self.cell_order(epoch, consumer, n_consumers)
         lengths = _gather_per_shard(self.lengths, shards, cells)
-        return shards, cells, lengths, list(self.batching.plan(cells, lengths, self.encoding.max_len))
+        batches = list(self.batching.plan(cells, lengths, self.encoding.max_len))
+        if self.batching.strategy == "packed" and self.world_size > 1:
+            batches = batches[:self.fewest_packs(epoch, n_consumers)]
+        return shards, cells, lengths, batches
+
+    def fewest_packs(self, epoch: int, n_consumers: int) -> int:
+        """Fewest packs any consumer (rank x worker) gets in ``epoch``. Pack counts follow the cells' lengths, so
+        equal cell shares can give ranks different counts; DDP all-reduces every step (and broadcasts buffers at
+        every forward), so a rank with one more batch waits forever. Every consumer stops at this count (the
+        last few packs of an epoch are dropped, as with ``drop_last``). Lengths only: nothing is read."""
+        key = (epoch, n_consumers)
+        if key not in self._fewest_packs:
+            counts = []
+            for c in range(n_consumers):
+                shards, cells = self.cell_order(epoch, c, n_consumers)
+                lengths = _gather_per_shard(self.lengths, shards, cells)
+                counts.append(sum(1 for _ in self.batching.plan(cells, lengths, self.encoding.max_len)))
+            self._fewest_packs[key] = min(counts)
+        return self._fewest_packs[key]
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:

@@ -159,6 +159,8 @@ class ContinuousEncoding:
     gene ids (Ensembl ids, or symbols matched to the vocabulary's symbols), e.g. scFoundation's 19,264 genes.
     Every listed gene must be in the corpus vocabulary (else ``ScfmInputError`` with the fix): a gene the data
     never measures is a position whose value is always 0, and it still needs a token id for its embedding.
+    ``max_genes``: None = the whole list; else keep the ``max_genes`` genes of the list expressed in the most cells
+    (the corpus's ``gene_stats`` ``n_nonzero``; ties by token id), in list order (``scale=tiny`` uses it).
     """
 
     gene_list: str | None = None
@@ -171,6 +173,7 @@ class ContinuousEncoding:
     mask_nonzero: float = 0.3  # value-regression masking of expressed genes (scFoundation: 30%)
     mask_zero: float = 0.03  # masking of zero genes
     depth_tokens: bool = True  # append T and S
+    max_genes: int | None = None  # keep the N most often expressed genes of the list (small runs); None = all
     name: str = field(default="continuous", init=False)
 
     def __post_init__(self) -> None:
@@ -181,6 +184,8 @@ class ContinuousEncoding:
             raise ScfmInputError(f"encoding.beta_a={self.beta_a}, beta_b={self.beta_b} must be > 0")
         if not self.target_sum > 0:
             raise ScfmInputError(f"encoding.target_sum={self.target_sum} must be > 0")
+        if self.max_genes is not None and self.max_genes < 1:
+            raise ScfmInputError(f"encoding.max_genes={self.max_genes} must be >= 1 or null (every listed gene)")
         if self.downsample_min_total < 0:
             raise ScfmInputError(f"encoding.downsample_min_total={self.downsample_min_total} must be >= 0")
         self._tokens: np.ndarray | None = None
@@ -214,7 +219,13 @@ class ContinuousEncoding:
             tokens = vocab.gene_token_ids()
         else:
             tokens = gene_list_tokens(read_gene_list(self.gene_list), vocab, where=str(self.gene_list))
-        self._tokens = tokens.astype(np.int64)
+        tokens = tokens.astype(np.int64)
+        if self.max_genes is not None and len(tokens) > self.max_genes:
+            stats = corpus.gene_stats.set_index("token_id")["n_nonzero"]
+            n_nonzero = stats.reindex(tokens).fillna(0).to_numpy()
+            top = np.lexsort((tokens, -n_nonzero))[: self.max_genes]  # most often expressed first, ties by token id
+            tokens = tokens[np.sort(top)]  # kept in list order
+        self._tokens = tokens
         self._column = np.full(len(vocab), -1, dtype=np.int64)
         self._column[self._tokens] = np.arange(len(self._tokens))
         self._row_ids = np.concatenate([self._tokens, np.zeros(self.n_specials, np.int64)]).astype(np.int32)
