@@ -20,15 +20,6 @@ SEQ = G + 2
 PAD, MASK = 103.0, 102.0  # their value-coded pad / mask "token ids"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared, busy CPUs torch's thread pool makes these small ops ~8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ the original layout (reference)
 class AutoDiscretizationEmbedding2(nn.Module):
     def __init__(self, dim, max_seq_len, bin_num, bin_alpha, mask_token_id, pad_token_id):

@@ -30,14 +30,6 @@ N_GENES, D, H, D_HID, LAYERS, PAD_VALUE = 30, 32, 4, 48, 2, -2.0
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- the original layout, re-implemented
 
 

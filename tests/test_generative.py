@@ -33,15 +33,6 @@ from scfm.objectives.generative import (
 STEPS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (on shared cores extra threads only wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pbmc_bin(pbmc_corpus):
     """(data facts, STEPS padded batches, 2 packed batches) of bin-encoded PBMC cells (<= 48 tokens)."""

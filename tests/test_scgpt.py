@@ -14,15 +14,6 @@ TOL = 1e-5
 OUTPUTS = ("hidden", "pred", "mvc_pred")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (on shared cores extra threads only wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(**overrides) -> ScGPTConfig:
     kw = dict(vocab_size=VOCAB, layers=2, hidden=32, heads=4, ffn=48, dropout=0.1, n_bins=N_BINS, cls_id=CLS)
     kw.update(overrides)

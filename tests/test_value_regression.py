@@ -25,15 +25,6 @@ from scfm.objectives.value_regression import ValueRegression
 N_GENES = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared, busy CPUs torch's thread pool makes these small ops ~8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gene_list(pbmc_corpus, tmp_path_factory) -> str:
     """The PBMC corpus's most expressed genes (by mean normalised expression), one Ensembl id a line."""

@@ -16,15 +16,6 @@ from scfm.model.xtrimo import XtrimoConfig, XtrimoModel, favor_attention
 G = 40  # genes per cell; + T, S
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared, busy CPUs torch's thread pool makes these small ops ~8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> XtrimoConfig:
     base = dict(vocab_size=G + 10, layers=2, hidden=32, heads=4, ffn=64, dropout=0.0, decoder_layers=2,
                 decoder_hidden=16, decoder_heads=2, decoder_ffn=32, max_seq_len=G + 2, attention="eager")

@@ -9,11 +9,11 @@ Other converters register in :data:`CONVERTERS`: ``CONVERTERS["scgpt"] = Convert
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from scfm.cli import print_summary
 from scfm.errors import ScfmInputError
 
 
@@ -111,13 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scfm-convert``; prints one JSON summary line, returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        summary = CONVERTERS[args.source].run(args)
-    except ScfmInputError as err:
-        print(f"scfm-convert: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary), flush=True)
-    return 0
+    return print_summary("scfm-convert", lambda: CONVERTERS[args.source].run(args))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ line summarises the run (MSE and Pearson r of generated vs true values over the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scfm.cli import print_summary
 from scfm.errors import ScfmInputError
 
 
@@ -138,13 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scfm-generate``; prints one JSON summary line, returns the exit status."""
     args = _arguments().parse_args(argv)
-    try:
-        summary = run(args)
-    except ScfmInputError as err:
-        print(f"scfm-generate: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary), flush=True)
-    return 0
+    return print_summary("scfm-generate", lambda: run(args))
 
 
 if __name__ == "__main__":

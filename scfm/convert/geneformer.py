@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scfm.convert import as_vocab, build_model, load_payload, save_payload, vocab_from_dict, vocab_to_dict
 from scfm.errors import ScfmInputError
 from scfm.model.bert import BertConfig, BertForMaskedGeneModeling
 from scfm.vocab import Vocab
@@ -348,14 +349,6 @@ def remap_vocab(config: BertConfig, state_dict: Mapping[str, Tensor], source: Vo
     return new_config, out, {"kept": kept, "new": len(target) - kept, "dropped": len(source) - kept}
 
 
-def as_vocab(vocab: Vocab | str | Path) -> Vocab:
-    """A :class:`Vocab` from itself, a ``vocab.tsv`` / token-dictionary ``.json`` or a corpus folder."""
-    if isinstance(vocab, Vocab):
-        return vocab
-    path = Path(vocab)
-    return Vocab.load(path / "vocab.tsv" if path.is_dir() else path)
-
-
 def load_geneformer(model_dir: str | Path, attention: str = "sdpa", vocab: Vocab | str | Path | None = None,
                     token_dictionary: str | Path | None = None) -> BertForMaskedGeneModeling:
     """A :class:`BertForMaskedGeneModeling` with the weights of a local Geneformer (HF) folder, in eval mode.
@@ -385,41 +378,12 @@ def save_converted(path: str | Path, config: BertConfig, state_dict: Mapping[str
     "vocab", "source"}`` (not a Lightning checkpoint). Otherwise a folder with ``model.pt`` (the same dict),
     ``config.json`` (our ``BertConfig``) and ``vocab.tsv`` (when ``vocab`` is known). Returns the ``.pt`` path.
     """
-    path = Path(path)
-    payload = {
-        "format": FORMAT,
-        "arch": "bert",
-        "config": dataclasses.asdict(config),
-        "state_dict": {k: v.detach().contiguous() for k, v in state_dict.items()},
-        "vocab": None if vocab is None else {"specials": list(vocab.specials), "gene_ids": list(vocab.gene_ids)},
-        "source": str(source),
-    }
-    if path.suffix in (".pt", ".pth", ".ckpt"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, path)
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path / "model.pt")
-    (path / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
-    if vocab is not None:
-        vocab.save(path / "vocab.tsv")
-    return path / "model.pt"
+    return save_payload(path, FORMAT, config, state_dict, source, {"arch": "bert", "vocab": vocab_to_dict(vocab)},
+                        vocab, suffixes=(".pt", ".pth", ".ckpt"))
 
 
 def load_converted(path: str | Path, attention: str | None = None) -> tuple[BertForMaskedGeneModeling, Vocab | None]:
     """Model (eval mode) and vocabulary from :func:`save_converted`'s file or folder."""
-    path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise ScfmInputError("no converted model here", where=str(file), fix="run scfm-convert first")
-    payload = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ScfmInputError(f"not a {FORMAT} file", where=str(file), fix="write it with scfm-convert")
-    kw = dict(payload["config"])
-    if attention is not None:
-        kw["attention"] = attention
-    model = BertForMaskedGeneModeling(BertConfig(**kw))
-    model.load_state_dict(payload["state_dict"], strict=True)
-    v = payload.get("vocab")
-    vocab = None if v is None else Vocab(tuple(v["specials"]), list(v["gene_ids"]))
-    return model.eval(), vocab
+    payload = load_payload(path, FORMAT, "scfm-convert")
+    model = build_model(payload, BertConfig, BertForMaskedGeneModeling, attention=attention)
+    return model, vocab_from_dict(payload.get("vocab"))

@@ -28,7 +28,6 @@ vocabulary must contain every listed symbol).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from scfm.convert import load_payload, save_payload
 from scfm.errors import ScfmInputError
 from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
 
@@ -45,6 +45,7 @@ __all__ = ["ScFoundationWeights", "add_arguments", "convert_scfoundation", "load
            "run", "save_converted", "state_dict_and_config"]
 
 _LAYOUT_KEYS = ("cell", "gene", "rde")
+FORMAT = "scfm-xtrimo"
 
 
 @dataclass
@@ -217,10 +218,7 @@ def load_scfoundation(path: str | Path, gene_list_path: str | Path | None = None
 def save_converted(out: str | Path, weights: ScFoundationWeights, source: str = "") -> Path:
     """Write ``out`` (``torch.save`` of plain dicts; read back by :func:`load_converted`) and, with a gene list,
     ``<out stem>.genes.txt`` to pass as ``encoding.gene_list``."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "scfm-xtrimo", "source": source, "config": dataclasses.asdict(weights.config),
-                "state_dict": weights.state_dict, "genes": weights.genes}, out)
+    out = save_payload(out, FORMAT, weights.config, weights.state_dict, source, {"genes": weights.genes}, folder=False)
     if weights.genes is not None:
         out.with_suffix(".genes.txt").write_text("\n".join(weights.genes) + "\n")
     return out
@@ -228,9 +226,7 @@ def save_converted(out: str | Path, weights: ScFoundationWeights, source: str = 
 
 def load_converted(path: str | Path) -> ScFoundationWeights:
     """Read what :func:`save_converted` wrote (``weights_only=True``)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != "scfm-xtrimo":
-        raise ScfmInputError("not a converted scFoundation file", where=str(path), fix="run scfm-convert scfoundation")
+    data = load_payload(path, FORMAT, "scfm-convert scfoundation")
     return ScFoundationWeights(XtrimoConfig(**data["config"]), data["state_dict"], data.get("genes"))
 
 

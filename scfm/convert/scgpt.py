@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scfm.convert import as_vocab, build_model, load_payload, save_payload, vocab_from_dict, vocab_to_dict
 from scfm.errors import ScfmInputError
 from scfm.model.scgpt import ScGPTConfig, ScGPTModel
 from scfm.vocab import Vocab
@@ -256,19 +257,12 @@ def load_scgpt(model_dir: str | Path, attention: str = "sdpa",
     config, ours = convert_scgpt(state, args, raw_vocab, attention)
     out_vocab, _ = scgpt_vocab(raw_vocab)
     if vocab is not None:
-        target = _as_vocab(vocab)
+        target = as_vocab(vocab)
         config, ours, _ = remap_vocab(config, ours, out_vocab, target)
         out_vocab = target
     model = ScGPTModel(config)
     model.load_state_dict(ours, strict=True)
     return model.eval(), out_vocab
-
-
-def _as_vocab(vocab: Vocab | str | Path) -> Vocab:
-    if isinstance(vocab, Vocab):
-        return vocab
-    path = Path(vocab)
-    return Vocab.load(path / "vocab.tsv" if path.is_dir() else path)
 
 
 # ---------------------------------------------------------------- scfm's converted-model file
@@ -278,38 +272,14 @@ def save_converted(path: str | Path, config: ScGPTConfig, state_dict: Mapping[st
                    source: str = "") -> Path:
     """Write ``{"format", "arch", "config", "state_dict", "vocab", "source"}`` for ``torch.load(weights_only=True)``:
     to ``path`` if it ends in ``.pt`` / ``.pth``, else to ``path/model.pt`` with ``config.json`` and ``vocab.tsv``."""
-    path = Path(path)
-    payload = {"format": FORMAT, "arch": "scgpt", "config": dataclasses.asdict(config),
-               "state_dict": {k: v.detach().contiguous() for k, v in state_dict.items()},
-               "vocab": {"specials": list(vocab.specials), "gene_ids": list(vocab.gene_ids),
-                         "symbols": [s or "" for s in vocab.symbols]},
-               "source": str(source)}
-    file = path if path.suffix in (".pt", ".pth") else path / "model.pt"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, file)
-    if file != path:
-        (path / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
-        vocab.save(path / "vocab.tsv")
-    return file
+    return save_payload(path, FORMAT, config, state_dict, source,
+                        {"arch": "scgpt", "vocab": vocab_to_dict(vocab, symbols=True)}, vocab)
 
 
 def load_converted(path: str | Path, attention: str | None = None) -> tuple[ScGPTModel, Vocab]:
     """Model (eval mode) and vocabulary from :func:`save_converted`'s file or folder."""
-    path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise ScfmInputError("no converted model here", where=str(file), fix="run scfm-convert scgpt first")
-    payload = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ScfmInputError(f"not a {FORMAT} file", where=str(file), fix="write it with scfm-convert scgpt")
-    kw = dict(payload["config"])
-    if attention is not None:
-        kw["attention"] = attention
-    model = ScGPTModel(ScGPTConfig(**kw))
-    model.load_state_dict(payload["state_dict"], strict=True)
-    v = payload["vocab"]
-    vocab = Vocab(tuple(v["specials"]), list(v["gene_ids"]), [s or None for s in v.get("symbols", [])])
-    return model.eval(), vocab
+    payload = load_payload(path, FORMAT, "scfm-convert scgpt")
+    return build_model(payload, ScGPTConfig, ScGPTModel, attention=attention), vocab_from_dict(payload["vocab"])
 
 
 # ---------------------------------------------------------------- scfm-convert sub-command
@@ -332,7 +302,7 @@ def _run(args: argparse.Namespace) -> dict:
                                "value_embedding": config.value_embedding, "mvc": config.mvc,
                                "flag_encoder_initialised": not any(k.endswith("flag_encoder.weight") for k in state)}
     if args.vocab is not None:
-        target = _as_vocab(args.vocab)
+        target = as_vocab(args.vocab)
         config, ours, counts = remap_vocab(config, ours, vocab, target)
         vocab = target
         summary.update(remapped_to=str(args.vocab), vocab_size=config.vocab_size, **counts)
