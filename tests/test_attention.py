@@ -277,10 +277,8 @@ def test_flex_falls_back_when_compiled_call_fails(monkeypatch) -> None:
     assert attention._FLEX["failed"]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_flex_matches_eager_on_gpu(name: str) -> None:
+def assert_matches_eager_on_gpu(kernel, name: str, out_tol: float, grad_tol: float) -> None:
+    """``kernel`` vs ``eager`` on CUDA (float32 inputs), outputs and gradients at the real rows."""
     layout = LAYOUTS[name]()
     dev = torch.device("cuda")
     for f in ("padding_mask", "doc_ids", "cu_seqlens", "known"):
@@ -289,35 +287,28 @@ def test_flex_matches_eager_on_gpu(name: str) -> None:
     B, L = shape_of(layout)
     q1, k1, v1 = (t.detach().to(dev).requires_grad_() for t in qkv(B, L, torch.float32))
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q1, k1, v1))
-    out, ref = flex_attend(q1, k1, v1, layout), eager_attend(q2, k2, v2, layout)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    out, ref = kernel(q1, k1, v1, layout), eager_attend(q2, k2, v2, layout)
+    torch.testing.assert_close(out, ref, atol=out_tol, rtol=out_tol)
     real = real_rows(layout, B, L).to(dev)
     (out * real).sum().backward()
     (ref * real).sum().backward()
     for a, b in ((q1, q2), (k1, k2), (v1, v2)):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.grad, b.grad, atol=grad_tol, rtol=grad_tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_flex_matches_eager_on_gpu(name: str) -> None:
+    assert_matches_eager_on_gpu(flex_attend, name, 1e-4, 1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not attention.flash_available(), reason="needs CUDA and flash-attn (pip install 'scfm[gpu]')")
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if "generative" not in n])
 def test_flash_matches_eager_on_gpu(name: str) -> None:
-    """flash runs in bfloat16: compare with eager in float32 at bf16 tolerance, outputs and gradients."""
-    layout = LAYOUTS[name]()
-    dev = torch.device("cuda")
-    for f in ("padding_mask", "doc_ids", "cu_seqlens", "known"):
-        if getattr(layout, f) is not None:
-            setattr(layout, f, getattr(layout, f).to(dev))
-    B, L = shape_of(layout)
-    q1, k1, v1 = (t.detach().to(dev).requires_grad_() for t in qkv(B, L, torch.float32))
-    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q1, k1, v1))
-    out, ref = attention.flash_attend(q1, k1, v1, layout), eager_attend(q2, k2, v2, layout)
-    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
-    real = real_rows(layout, B, L).to(dev)
-    (out * real).sum().backward()
-    (ref * real).sum().backward()
-    for a, b in ((q1, q2), (k1, k2), (v1, v2)):
-        torch.testing.assert_close(a.grad, b.grad, atol=3e-2, rtol=3e-2)
+    """flash runs in bfloat16: compared with eager in float32 at bf16 tolerance."""
+    assert_matches_eager_on_gpu(attention.flash_attend, name, 2e-2, 3e-2)
 
 
 @pytest.mark.gpu
