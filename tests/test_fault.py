@@ -50,7 +50,8 @@ def test_sigkilled_run_resumes_with_bitwise_equal_losses(tmp_path, pbmc_corpus):
     steps = 24
     common = [f"trainer.max_steps={steps}", "checkpoint_every_n_steps=2"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the same intra-op thread count as this process (conftest sets 1): sums in another order differ in the last bit
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cli(*TINY, *common, f"hydra.run.dir={killed}"), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = killed / "checkpoints" / "last.ckpt"
