@@ -213,3 +213,8 @@ def test_objective_check_config_hook_runs(monkeypatch):
 def test_max_len_above_the_model_positions():
     fails(config("encoding.max_len=4096", "model.max_position=2048"), "encoding.max_len=4096",
           "model.max_position=2048", "config groups encoding + model")
+
+
+def test_unknown_condition_roles_fail_before_data():
+    fails(config("data.conditions=[batch,donor]"), "data.conditions", "donor", "cell_type")
+    validate(config("data.conditions=[batch,modality]"))  # known roles pass (labels are checked at open)

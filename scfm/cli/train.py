@@ -67,7 +67,20 @@ def validate(cfg: DictConfig) -> None:
         raise ScfmInputError(f"encoding.max_len={max_len} exceeds model.max_position={positions}",
                              where="config groups encoding + model",
                              fix=f"set encoding.max_len<={positions} or model.max_position>={max_len}")
+    _check_conditions(cfg)
     _objective_checks(cfg)
+
+
+def _check_conditions(cfg: DictConfig) -> None:
+    """``data.conditions`` names known roles (whether the corpus has their labels is checked when it is opened)."""
+    from scfm.data.stream import CONDITIONS
+
+    conditions = cfg.get("data", {}).get("conditions") or []
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        raise ScfmInputError(f"data.conditions has unknown role(s) {unknown}", where="config group data",
+                             fix=f"choose from {list(CONDITIONS)}; declare the obs columns at prepare time "
+                             "(columns.batch=<column>, ...)")
 
 
 def _typed(node: Any, schema: type, group: str) -> DictConfig:
