@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scfm.errors import ScfmInputError
+from scfm.errors import ScfmInputError, require_positive_ints
 from scfm.model.attention import Layout, get_kernel
 from scfm.model.embeddings import ConditionEmbedding, check_value_embedding, embed_values, value_embedding
 
@@ -70,12 +70,7 @@ class BertConfig:
     n_labels: dict[str, int] = field(default_factory=dict)  # labels per condition role (from the corpus)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_position"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ScfmInputError(
-                    f"{name} must be a positive integer, got {value!r}", where=f"BertConfig.{name}"
-                )
+        require_positive_ints(self, ("vocab_size", "hidden", "layers", "heads", "ffn", "max_position"), "BertConfig")
         if self.hidden % self.heads:
             raise ScfmInputError(
                 f"hidden ({self.hidden}) is not divisible by heads ({self.heads})",

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scfm.errors import ScfmInputError
+from scfm.errors import ScfmInputError, require_positive_ints
 from scfm.model.attention import Layout, get_kernel
 from scfm.model.embeddings import ConditionEmbedding, ContinuousValueEncoder, TokenEncoder
 
@@ -111,10 +111,8 @@ class ScGPTConfig:
     unknown_out_proj: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "n_bins", "n_layers_cls"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ScfmInputError(f"{name} must be a positive integer, got {value!r}", where=f"ScGPTConfig.{name}")
+        require_positive_ints(self, ("vocab_size", "hidden", "layers", "heads", "ffn", "n_bins", "n_layers_cls"),
+                              "ScGPTConfig")
         if self.hidden % self.heads:
             raise ScfmInputError(f"hidden ({self.hidden}) is not divisible by heads ({self.heads})",
                                  where="ScGPTConfig.hidden", fix="choose heads that divide hidden, e.g. 512 / 8")

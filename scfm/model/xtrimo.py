@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scfm.errors import ScfmInputError
+from scfm.errors import ScfmInputError, require_positive_ints
 from scfm.model.attention import Layout, get_kernel, orthogonal_gaussian
 from scfm.model.embeddings import AutoDiscretizationEmbedding
 
@@ -115,10 +115,7 @@ class XtrimoConfig:
         ints = ["vocab_size", "layers", "hidden", "heads", "ffn", "decoder_layers", "decoder_hidden",
                 "decoder_heads", "decoder_ffn", "n_bins"]
         ints += [n for n in ("decoder_head_dim", "nb_features", "max_seq_len") if getattr(self, n) is not None]
-        for name in ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ScfmInputError(f"{name} must be a positive integer, got {value!r}", where=f"model.{name}")
+        require_positive_ints(self, ints, "model")
         if self.hidden % self.heads:
             raise ScfmInputError(f"hidden ({self.hidden}) is not divisible by heads ({self.heads})",
                                  where="model.hidden", fix="choose heads that divide hidden, e.g. 768 / 12")
