@@ -309,19 +309,14 @@ def _flex_mask_mod(layout: Layout) -> Callable[[Tensor, Tensor, Tensor, Tensor],
     return mask_mod
 
 
-def _flex_masks(layout: Layout, B: int, L: int, device: torch.device, dense: bool) -> Any:
-    """Cached ``BlockMask`` (``dense=False``) or the same mask_mod as a [B, 1, L, L] bool mask (``dense=True``)."""
-    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+def _flex_block_mask(layout: Layout, B: int, L: int, device: torch.device) -> Any:
+    """The layout's ``BlockMask`` (cached on the layout); None when everything may attend."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    key = f"flex_{'dense' if dense else 'block'}_{B}_{L}_{device}"
+    key = f"flex_block_{B}_{L}_{device}"
     if key not in layout._cache:
         mask_mod = _flex_mask_mod(layout)
-        if mask_mod is None:
-            layout._cache[key] = None
-        elif dense:
-            layout._cache[key] = create_mask(mask_mod, B, None, L, L, device=device)  # [B, 1, L, L]
-        else:
-            layout._cache[key] = create_block_mask(mask_mod, B, None, L, L, device=device)
+        layout._cache[key] = None if mask_mod is None else create_block_mask(mask_mod, B, None, L, L, device=device)
     return layout._cache[key]
 
 
@@ -402,12 +397,12 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, dropout_p: floa
             f"{why}; attention=flex computes these passes with SDPA on the dense mask of the same mask_mod "
             "(exact, but O(L^2) memory)",
         )
-        mask = _flex_masks(layout, B, L, q.device, dense=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.safe_attention_mask,  # = the mask_mod's rule
+                                             dropout_p=dropout_p)
     else:
         if not needs_grad:  # flex refuses CPU inputs that require grad, even under no_grad
             q, k, v = q.detach(), k.detach(), v.detach()
-        out = _run_flex(q, k, v, _flex_masks(layout, B, L, q.device, dense=False))
+        out = _run_flex(q, k, v, _flex_block_mask(layout, B, L, q.device))
     return _zero_padded_queries(out, layout)  # [B, H, L, Dh]
 
 
