@@ -251,12 +251,17 @@ class CellStream(IterableDataset):
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
         """(shard, index-in-shard, encoded length) of the consumer's cells, and the batches as positions
         into them."""
-        shards, cells = self.cell_order(epoch, consumer, n_consumers)
-        lengths = _gather_per_shard(self.lengths, shards, cells)
-        batches = list(self.batching.plan(cells, lengths, self.encoding.max_len))
+        shards, cells, lengths, batches = self._batches(epoch, consumer, n_consumers)
         if self.batching.strategy == "packed" and self.world_size > 1:
             batches = batches[:self.fewest_packs(epoch, n_consumers)]
         return shards, cells, lengths, batches
+
+    def _batches(self, epoch: int, consumer: int, n_consumers: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """:meth:`plan` before packed batches are cut to the count every consumer reaches."""
+        shards, cells = self.cell_order(epoch, consumer, n_consumers)
+        lengths = _gather_per_shard(self.lengths, shards, cells)
+        return shards, cells, lengths, list(self.batching.plan(cells, lengths, self.encoding.max_len))
 
     def fewest_packs(self, epoch: int, n_consumers: int) -> int:
         """Fewest packs any consumer (rank x worker) gets in ``epoch``. Pack counts follow the cells' lengths, so
@@ -265,12 +270,7 @@ class CellStream(IterableDataset):
         last few packs of an epoch are dropped, as with ``drop_last``). Lengths only: nothing is read."""
         key = (epoch, n_consumers)
         if key not in self._fewest_packs:
-            counts = []
-            for c in range(n_consumers):
-                shards, cells = self.cell_order(epoch, c, n_consumers)
-                lengths = _gather_per_shard(self.lengths, shards, cells)
-                counts.append(sum(1 for _ in self.batching.plan(cells, lengths, self.encoding.max_len)))
-            self._fewest_packs[key] = min(counts)
+            self._fewest_packs[key] = min(len(self._batches(epoch, c, n_consumers)[3]) for c in range(n_consumers))
         return self._fewest_packs[key]
 
     # -- iteration -------------------------------------------------------------------------------
