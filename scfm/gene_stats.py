@@ -95,8 +95,9 @@ class GeneStatsAccumulator:
             n = cum[:, -1]
             rows = np.nonzero(n > 0)[0]
             if len(rows):
-                lower = self._order_statistic(hist[rows], cum[rows], (n[rows] - 1) // 2)
-                upper = self._order_statistic(hist[rows], cum[rows], n[rows] // 2)
+                h, c = hist[rows], cum[rows]  # fancy indexing copies: once for both order statistics
+                lower = self._order_statistic(h, c, (n[rows] - 1) // 2)
+                upper = self._order_statistic(h, c, n[rows] // 2)
                 out[start + rows] = (lower + upper) / 2
         return out
 
