@@ -251,11 +251,17 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
     The objective gets ``model`` (the architecture config as a dict, sized to the corpus's vocabulary) and
     ``data`` (:func:`scfm.objectives.base.data_facts`: special-token ids, label counts, encoding facts).
     """
+
+    validate(cfg)
+    return _build(cfg)
+
+
+def _build(cfg: DictConfig) -> tuple[Any, Any]:
+    """:func:`build` for a config that was validated already."""
     from hydra.utils import instantiate
 
     from scfm.objectives.base import data_facts
 
-    validate(cfg)
     datamodule = build_datamodule(cfg)
     vocab = datamodule.vocab
     facts = data_facts(vocab, datamodule.corpus.labels, datamodule.encoding)
@@ -312,7 +318,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _keep_previous_metrics(out / "metrics.csv")
         applied = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what runs (.hydra/: the input)
         OmegaConf.save(applied, out / "config_applied.yaml", resolve=True)
-    datamodule, module = build(cfg)
+    datamodule, module = _build(cfg)  # validated above
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps, save_on_train_epoch_end=True)
