@@ -76,24 +76,12 @@ CONVERTERS: dict[str, Converter] = {
 """Sub-commands of ``scfm-convert``; other converters add themselves here."""
 
 
-def _scfoundation_arguments(parser: argparse.ArgumentParser) -> None:
-    from scfm.convert.scfoundation import add_arguments
-
-    add_arguments(parser)
-
-
-def _scfoundation_run(args: argparse.Namespace) -> dict:
-    from scfm.convert.scfoundation import run
-
-    return run(args)
-
-
 def _register_others() -> None:
+    from scfm.convert.scfoundation import register as register_scfoundation
     from scfm.convert.scgpt import register as register_scgpt
 
     register_scgpt(CONVERTERS)
-    CONVERTERS["scfoundation"] = Converter("scFoundation models.ckpt (MaeAutobin) -> scfm xtrimo",
-                                           _scfoundation_arguments, _scfoundation_run)
+    register_scfoundation(CONVERTERS)
 
 
 _register_others()

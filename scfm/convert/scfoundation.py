@@ -249,3 +249,10 @@ def run(args: argparse.Namespace) -> dict:
             "decoder_hidden": c.decoder_hidden, "max_seq_len": c.max_seq_len,
             "genes": None if weights.genes is None else len(weights.genes),
             "gene_list": None if weights.genes is None else str(out.with_suffix(".genes.txt"))}
+
+
+def register(converters: dict) -> None:
+    """Add the ``scfoundation`` sub-command to ``scfm.cli.convert.CONVERTERS``."""
+    from scfm.cli.convert import Converter
+
+    converters["scfoundation"] = Converter("scFoundation models.ckpt (MaeAutobin) -> scfm xtrimo", add_arguments, run)
