@@ -210,7 +210,7 @@ def _markdown(df: pd.DataFrame, varying: list[str], fixed: dict[str, str], cfg: 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return "–" if math.isnan(v) else f"{v:.4g}"
-        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).replace("|", "\\|")
+        return "–" if v is None else str(v).replace("|", "\\|")
 
     cols = [*varying, "final", "best", "best_step", "run"]
     heads = [*varying, f"final {cfg.metric}", f"best {cfg.metric} ({cfg.mode})", "best step", "run"]
