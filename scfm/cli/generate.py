@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ScfmInputError(f"the corpus vocabulary has {len(dm.vocab)} tokens, the model {model.config.vocab_size}",
                              where=str(args.checkpoint), fix="use the corpus the model was trained on (or convert "
                              "with --vocab <corpus>)")
-    key = "values_bin" if model.config.value_embedding == "bins" else model.config.value_source
+    key = model.config.value_key
     loader = dm.val_dataloader() if args.split == "val" else dm.train_dataloader()
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ("gene_ids", "true", "generated", "prompt", "round")}
     lengths, cells = [], []

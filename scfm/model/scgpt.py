@@ -143,6 +143,11 @@ class ScGPTConfig:
         get_kernel(self.attention)  # unknown or unavailable kernels raise with the valid names
 
     @property
+    def value_key(self) -> str:
+        """The batch key of the value input: ``values_bin`` for bin embeddings, else ``value_source``."""
+        return "values_bin" if self.value_embedding == "bins" else self.value_source
+
+    @property
     def head_dim(self) -> int:
         """Per-head width, ``hidden // heads``."""
         return self.hidden // self.heads
@@ -433,7 +438,7 @@ class ScGPTModel(nn.Module):
     def value_input(self, batch: Mapping[str, Any] | Any) -> Tensor:
         """The value embedding's input [B, L] (float for ``mlp``, bin ids for ``bins``), ``<cls>`` filled."""
         c = self.config
-        key = "values_bin" if c.value_embedding == "bins" else c.value_source
+        key = c.value_key
         values = batch.get(key, None)
         if values is None:
             raise ScfmInputError(f"the scgpt model reads batch[{key!r}], which this batch lacks",

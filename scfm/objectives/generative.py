@@ -133,7 +133,7 @@ class GenerativePretraining(PretrainingModule):
         self.config = ScGPTConfig(**arch)
         self.model = ScGPTModel(self.config)
         c = self.config
-        self.target_key = target or ("values_bin" if c.value_embedding == "bins" else c.value_source)
+        self.target_key = target or c.value_key
         if self.target_key not in ("values_bin", "values"):
             raise ScfmInputError(f"objective.target must be values_bin or values, got {self.target_key!r}",
                                  where="objective.target")
@@ -309,7 +309,7 @@ def generate_from_genes(model: ScGPTModel | GenerativePretraining, batch: Any, k
         raise ScfmInputError(f"rounds must be a positive integer, got {rounds!r}", where="generate(rounds=...)")
     net = _as_model(model)
     c = net.config
-    key = "values_bin" if c.value_embedding == "bins" else c.value_source
+    key = c.value_key
     gene_ids = batch["gene_ids"]
     base = dict(batch.items())
     values = base[key].float().clone() if key in base else torch.zeros(gene_ids.shape, device=gene_ids.device)
