@@ -64,7 +64,7 @@ class _Interleaved:
 
 
 def _as_two_ranks(build):
-    """Wrap ``scfm.cli.train.build``: the train loader interleaves the 2-rank streams, and micro-batch ``j`` is
+    """Wrap ``scfm.cli.train._build``: the train loader interleaves the 2-rank streams, and micro-batch ``j`` is
     masked as rank ``j % 2`` masks its batch ``j // 2``. Records every micro-batch's loss."""
     losses: dict[int, float] = {}
 
@@ -108,8 +108,8 @@ def test_two_cpu_processes_with_gloo_match_one_process_with_the_same_global_batc
     assert "distributed_backend=gloo" in proc.stdout + proc.stderr
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
 
-    wrapped, micro = _as_two_ranks(train_cli.build)
-    monkeypatch.setattr(train_cli, "build", wrapped)
+    wrapped, micro = _as_two_ranks(train_cli._build)  # what train() builds with, after validating
+    monkeypatch.setattr(train_cli, "_build", wrapped)
     ref_dir = tmp_path / "one_process"
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*OVERRIDES, "trainer.accumulate_grad_batches=2",
