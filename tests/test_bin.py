@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
-from scfm.encodings.bin import BinEncoding, bin_bounds
-from scfm.encodings.rng import CellStreams, cell_rng
+from scfm.encodings.bin import BIN_DRAWS, BinEncoding, _smallest, bin_bounds
+from scfm.encodings.rng import purpose_key_reference, splitmix64_reference
 from scfm.errors import ScfmInputError
 from scfm.vocab import Vocab
 
@@ -24,20 +24,21 @@ TINY = SimpleNamespace(vocab=Vocab.build([f"G{i:03d}" for i in range(N_GENES)]))
 def scgpt_reference(gene_ids, counts, total, seed, *, n_bins=51, max_len=1200, target_sum=1e4,
                     normalize_by="vocab", gene_tokens=None, cls_id=2):
     """One cell, following scGPT: normalise + log1p, ``binning()`` / ``_digitize(side="both")``, then
-    ``pad_batch``'s sampling, <cls> first. ``np.random`` is replaced by the cell's generator, drawn in the
-    documented order (digitize draws over the non-zeros in token order, then the sample), and the sampled
-    genes are kept in token order."""
+    ``pad_batch``'s sampling, <cls> first. ``np.random`` is replaced by the documented draws: output j of the cell's
+    SplitMix64 sequence gives the i = j-th non-zero gene (token order) its tie uniform (high 32 bits / 2³²) and
+    candidate j its sampling key (low 32 bits, then j); the sampled genes are kept in token order."""
     order = np.argsort(gene_ids)
     gene_ids, counts = np.asarray(gene_ids)[order], np.asarray(counts)[order]
     gene_ids, counts = gene_ids[counts > 0], counts[counts > 0]
-    rng = cell_rng(seed)
+    n_candidates = len(gene_ids) if gene_tokens is None else len(gene_tokens)
+    bits = splitmix64_reference(purpose_key_reference(seed, BIN_DRAWS), max(len(gene_ids), n_candidates))
     norm = counts.sum() if normalize_by == "vocab" else total
     row = np.log1p((counts * (target_sum / norm)).astype(np.float32))
     # scgpt.preprocess.binning (non-zero part) and _digitize(side="both")
     bins = np.quantile(row, np.linspace(0, 1, n_bins - 1))
     left_digits = np.digitize(row, bins)
     right_digits = np.digitize(row, bins, right=True)
-    rands = rng.random(len(row))
+    rands = np.array([b >> 32 for b in bits[:len(row)]], dtype=np.float64) / 2**32
     digits = np.ceil(rands * (right_digits - left_digits) + left_digits).astype(np.int64)
     genes, values, binned = gene_ids, row, digits
     if gene_tokens is not None:  # include_zero_gene: every gene, zeros 0
@@ -46,7 +47,7 @@ def scgpt_reference(gene_ids, counts, total, seed, *, n_bins=51, max_len=1200, t
         at = np.searchsorted(genes, gene_ids)
         values[at], binned[at] = row, digits
     if len(genes) > max_len - 1:  # scgpt.tokenizer.pad_batch: np.random.choice(len - 1, max_len - 1, replace=False)
-        idx = np.sort(rng.choice(len(genes), max_len - 1, replace=False))
+        idx = np.sort(sorted(range(len(genes)), key=lambda j: (bits[j] & 0xFFFFFFFF, j))[:max_len - 1])
         genes, values, binned = genes[idx], values[idx], binned[idx]
     return (np.concatenate([[cls_id], genes]), np.concatenate([[0], binned]),
             np.concatenate([[0], values]).astype(np.float32), (left_digits - right_digits).max(initial=0))
@@ -134,17 +135,22 @@ def test_bin_bounds_equal_numpy_quantile_digitize(cells, n_bins, scale):
             np.testing.assert_array_equal(right[offsets[i]:offsets[i + 1]], np.digitize(x, edges, right=True))
 
 
-def test_cell_streams_equal_cell_rng_and_differ_by_seed():
-    seeds = np.random.default_rng(3).integers(0, 2**64 - 1, 200, dtype=np.uint64, endpoint=True)
-    seeds[:5] = np.array([0, 1, 2**32 - 1, 2**32, 2**64 - 1], dtype=np.uint64)
-    streams = CellStreams(seeds)
-    firsts = set()
-    for i, s in enumerate(seeds.tolist()):
-        rng, ref = streams(i), cell_rng(s)
-        draws = rng.random(5)
-        np.testing.assert_array_equal(draws, ref.random(5))
-        firsts.add(float(draws[0]))
-    assert len(firsts) == len(seeds)
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(2, 40), min_size=1, max_size=6), k=st.integers(1, 39),
+       spread=st.sampled_from([3, 50, 2**32]), seed=st.integers(0, 2**32))
+def test_smallest_keeps_the_k_smallest_keys_ties_to_the_lower_index(lengths, k, spread, seed):
+    lengths = [max(n, k + 1) for n in lengths]
+    rng = np.random.default_rng(seed)
+    high = rng.integers(0, 2**32, sum(lengths), dtype=np.uint64) << np.uint64(32)
+    bits = high | rng.integers(0, spread, sum(lengths), dtype=np.uint64)  # small spreads: many tied low halves
+    keep = _smallest(bits, np.array(lengths), k)
+    start = 0
+    for n in lengths:
+        cell = bits[start:start + n].tolist()
+        expected = np.zeros(n, bool)
+        expected[sorted(range(n), key=lambda j: (cell[j] & 0xFFFFFFFF, j))[:k]] = True
+        np.testing.assert_array_equal(keep[start:start + n], expected)
+        start += n
 
 
 # -- (b) invariants ------------------------------------------------------------------------------------------

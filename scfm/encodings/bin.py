@@ -20,11 +20,17 @@ Per cell, in this order:
    ``np.random.choice``'s random order; its model has no positions, so only the set matters).
 4. ``<cls>`` first, with value ``cls_value`` and bin 0 (scGPT inserts value 0).
 
-Randomness (exact resume): all of a cell's randomness comes from ``rng = cell_rng(cell_seed)`` (``scfm.encodings.rng``),
-drawn in this order: ``u = rng.random(n_nonzero)`` (one per non-zero gene, ascending token order, as scGPT's
-``np.random.rand(len(x))``), then, only when sampling, ``np.sort(rng.choice(n_candidates, max_len − 1,
-replace=False))`` (indices into the candidates in ascending token order). Without ``cell_seeds`` every cell
-uses seed 0. Cells that need no draw (no tie over several edges, nothing to sample) skip the generator.
+Randomness (exact resume): a counter-based hash, no generator state (``scfm.encodings.rng``). Per cell,
+``bits_j`` = output j of SplitMix64 started at ``purpose_key(cell_seed, BIN_DRAWS)``:
+
+- the i-th non-zero gene (ascending token order) gets the tie uniform ``u = (bits_i >> 32) / 2³²``, so its bin is
+  ``ceil(u·(right − left) + left)`` = ``left − ((bits_i >> 32)·(left − right) >> 32)`` (exact integer arithmetic);
+- when sampling, candidate j (position among the candidates in ascending token order) has the key
+  ``(bits_j & 0xFFFFFFFF, j)``: the ``max_len − 1`` candidates with the smallest keys are kept (a uniform random
+  subset; ties of the 32-bit part go to the lower position).
+
+The two halves of one output feed different decisions, so a gene's bin and whether it is kept are independent.
+Without ``cell_seeds`` every cell uses seed 0. ``tests/test_bin.py`` replays the draws in plain Python.
 
 Input genes may come in any order within a cell (they are sorted by token id first); explicit zero counts
 are dropped; a duplicated gene in a cell or a negative count is an error.
@@ -34,9 +40,9 @@ runs of equal values come from a (cell, count) table — a dense range of small 
 on the count), ``np.unique`` for the few larger ones — and tokens are never sorted. numpy's
 ``quantile`` is repeated for each cell's n_bins − 1 edges with the same float64 operations (its rounding
 artifacts included); an edge lies between two neighbouring order statistics a <= edge <= b and is compared
-with those two only; ``left`` / ``right`` of a run are counts of the edges below it. Only the per-cell draws
-are a Python loop; a sampled cell's picks set a keep-mask over its tokens (ascending order without a sort), and only
-the kept tokens are binned and laid out.
+with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The draws of the whole block
+are one hash pass; sampling is one ``np.partition`` over a [cells, longest] table of keys, which sets a keep-mask
+over the tokens (ascending order without a sort).
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from scfm.encodings.rng import CellStreams
+from scfm.encodings.rng import bits_at, cell_bits, purpose_key
 from scfm.errors import ScfmInputError
 
 NORMALIZE_BY = ("vocab", "all_genes")
+BIN_DRAWS = 1  # the purpose of bin's draws in ``scfm.encodings.rng``
 
 
 def canonical_cells(gene_ids: np.ndarray, counts: np.ndarray,
@@ -209,6 +216,27 @@ def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
     return run_value[token_run], left[token_run], right[token_run]
 
 
+def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """Sampling: whether each candidate is among its cell's ``k`` with the smallest keys, where candidate j's key is
+    (low 32 bits of its output, j): ties of the 32-bit part go to the lower index. ``bits`` flat, cell by cell; every
+    cell longer than ``k``. One ``np.partition`` of the 32-bit parts over a padded [cells, longest] table."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n_cells, width = len(lengths), int(lengths.max())
+    low = bits.astype(np.uint32)  # the low 32 bits
+    starts = np.cumsum(lengths) - lengths
+    table = np.full(n_cells * width, np.iinfo(np.uint32).max, dtype=np.uint32)
+    table[np.arange(len(low)) + np.repeat(np.arange(n_cells) * width - starts, lengths)] = low
+    kth = np.repeat(np.partition(table.reshape(n_cells, width), k - 1, axis=1)[:, k - 1], lengths)
+    keep = low <= kth
+    over = np.add.reduceat(keep, starts) > k  # the k-th key is tied: keep only the lowest-index ties
+    if over.any():
+        tied = keep & (low == kth)
+        rank = np.cumsum(tied) - np.repeat(np.cumsum(tied)[starts] - tied[starts], lengths)  # 1-based among ties
+        room = k - np.add.reduceat(keep & ~tied, starts)
+        keep &= ~tied | (rank <= np.repeat(room, lengths))
+    return keep
+
+
 @dataclass
 class BinEncoding:
     """Encoding ``bin`` (scGPT): ``<cls>`` + genes with ``values_bin`` (0 … n_bins−1) and ``values`` (log1p)."""
@@ -296,48 +324,41 @@ class BinEncoding:
             raise ScfmInputError("a cell has non-zero counts but a total <= 0",
                                  fix="check the corpus's total_counts, or use encoding.normalize_by=vocab")
         scale = np.divide(self.target_sum, normaliser, out=np.zeros(n_cells), where=lens > 0)
-        token_run, run_cell, run_value, run_left, run_right = bin_runs(counts, offsets, scale, self.n_bins)
-        run_spread = run_right - run_left  # <= 0; below -1 the value sits on several edges: a random bin
+        token_run, _, run_value, run_left, run_right = bin_runs(counts, offsets, scale, self.n_bins)
         candidates = self._candidates(lens)
         room = self.max_genes
         sampled = candidates > room
-        draws = sampled.copy()
-        draws[run_cell[run_spread <= -2]] = True
-        draw_cells = np.flatnonzero(draws)
-        seeds = np.zeros(n_cells, dtype=np.uint64) if cell_seeds is None else np.asarray(cell_seeds, np.uint64)
-        streams = CellStreams(seeds[draw_cells])
-        u = np.zeros(len(token_run))
-        picks: dict[int, np.ndarray] = {}
-        keep = None  # without zero genes: which tokens are kept (ascending token order = the kept order)
-        if sampled.any() and not self.include_zero_genes:
-            keep = np.ones(len(token_run), dtype=bool)
-        offs, cand, samp = offsets.tolist(), candidates.tolist(), sampled.tolist()
-        for i, c in enumerate(draw_cells.tolist()):
-            rng = streams(i)  # = cell_rng(seeds[c])
-            lo, hi = offs[c], offs[c + 1]
-            rng.random(out=u[lo:hi])  # first: one draw per non-zero gene, token order
-            if samp[c]:  # then: the kept candidates (a mask keeps them in ascending order: no sort needed)
-                pick = rng.choice(cand[c], room, replace=False, shuffle=False)
-                if keep is None:
-                    picks[c] = np.sort(pick)
+        keys = purpose_key(np.zeros(n_cells, np.uint64) if cell_seeds is None else cell_seeds, BIN_DRAWS)
+        bits = cell_bits(keys, lens)  # output i of the cell's sequence for its i-th non-zero gene
+        # scGPT's tie rule ceil(u·(right − left) + left) with u = hi32 / 2³²: left − ⌊hi32 · (left − right) / 2³²⌋
+        bins = (bits >> np.uint64(32)).view(np.int64)
+        bins *= run_left[token_run] - run_right[token_run]  # < 2³² · n_bins: no overflow
+        bins >>= 32
+        np.subtract(run_left[token_run], bins, out=bins)
+        chosen = None  # include_zero_genes: the chosen gene-list positions, cell by cell (None: all of them)
+        if sampled.any():
+            if self.include_zero_genes:
+                chosen = self._sample_positions(keys, room)
+            else:  # keep a sampled cell's tokens whose key is among its ``room`` smallest (ascending token order)
+                keep = np.ones(len(bits), dtype=bool)
+                if sampled.all():
+                    keep = _smallest(bits, lens, room)
                 else:
-                    keep[lo:hi] = False
-                    keep[lo + pick] = True
+                    cells = np.flatnonzero(sampled)
+                    n = lens[cells]
+                    token = np.repeat(offsets[cells] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+                    keep[token] = _smallest(bits[token], n, room)
+                index = np.flatnonzero(keep)
+                gene_ids, token_run, bins = gene_ids[index], token_run[index], bins[index]
         kept = np.minimum(candidates, room)
         head = int(self.append_cls)
         out_offsets = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(kept + head, out=out_offsets[1:])
+        values = run_value[token_run]
         if self.include_zero_genes:
-            values = run_value[token_run]
-            # scGPT's _digitize(side="both"): ceil(u·(right − left) + left), = left where untied
-            bins = np.ceil(u * run_spread[token_run] + run_left[token_run]).astype(np.int64)
-            parts = self._with_zero_genes(gene_ids, values, bins, lens, kept, picks)
+            parts = self._with_zero_genes(gene_ids, values, bins, lens, kept, chosen)
         else:
-            if keep is not None:  # only the kept tokens are binned and laid out
-                index = np.flatnonzero(keep)
-                gene_ids, token_run, u = gene_ids[index], token_run[index], u[index]
-            bins = np.ceil(u * run_spread[token_run] + run_left[token_run]).astype(np.int64)
-            parts = (gene_ids, bins, run_value[token_run])
+            parts = (gene_ids, bins, values)
         out = {"offsets": out_offsets}
         layout = (("gene_ids", self.cls_id, np.int64), ("values_bin", 0, np.int64),
                   ("values", self.cls_value, np.float32))
@@ -353,14 +374,24 @@ class BinEncoding:
             target[body] = part
         return out
 
-    def _with_zero_genes(self, gene_ids, values, bins, lens, kept, picks):
-        """Candidates = every gene token (a contiguous range after the specials); the chosen ones, in order,
-        with the value and bin of the cell's non-zero genes among them."""
+    def _sample_positions(self, keys: np.ndarray, room: int) -> np.ndarray:
+        """include_zero_genes: each cell's ``room`` gene-list positions j with the smallest sampling keys (output j of
+        its sequence), ascending, concatenated cell by cell."""
+        n_genes = len(self.gene_tokens)
+        step = max(1, (1 << 21) // n_genes)  # cells per [cells, genes] key table of <= 2M entries
+        index = np.arange(n_genes, dtype=np.int64)
+        parts = []
+        for lo in range(0, len(keys), step):
+            rows = len(keys[lo:lo + step])
+            bits = bits_at(keys[lo:lo + step, None], index[None, :]).ravel()
+            parts.append(np.nonzero(_smallest(bits, np.full(rows, n_genes), room).reshape(rows, -1))[1])
+        return np.concatenate(parts) if parts else index[:0]
+
+    def _with_zero_genes(self, gene_ids, values, bins, lens, kept, chosen):
+        """Candidates = every gene token (a contiguous range after the specials); the chosen ones (gene-list
+        positions cell by cell; None = all), in order, with the value and bin of the cell's non-zero genes."""
         n_cells, n_genes = len(lens), len(self.gene_tokens)
-        if picks:
-            every = np.arange(n_genes)
-            chosen = np.concatenate([picks.get(c, every) for c in range(n_cells)]) if n_cells else every[:0]
-        else:
+        if chosen is None:
             chosen = np.tile(np.arange(n_genes), n_cells)
         first = int(self.gene_tokens[0]) if n_genes else 0
         vals, bns = np.zeros(len(chosen), dtype=np.float32), np.zeros(len(chosen), dtype=np.int64)
