@@ -199,7 +199,8 @@ class Corpus:
             arrays = {}
             for key, dtype in SHARD_ARRAYS.items():
                 n = meta["n_cells"] + 1 if key == "offsets" else meta["n_tokens"]
-                arrays[key] = np.memmap(folder / f"{key}.memmap", dtype=dtype, mode="r", shape=(n,))
+                # a plain ndarray view of the map: slicing a np.memmap subclass costs ~5 µs per call
+                arrays[key] = np.memmap(folder / f"{key}.memmap", dtype=dtype, mode="r", shape=(n,)).view(np.ndarray)
             totals = self.obs(i, columns=["total_counts"])["total_counts"].to_numpy(np.int64)
             self._shards[i] = Shard(total_counts=totals, **arrays)
         return self._shards[i]

@@ -314,35 +314,24 @@ class CellStream(IterableDataset):
 
     def encode_cells(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int) -> dict[str, Any]:
         """Read and encode the given cells (in this order): flat per-token arrays, ``offsets`` and ``cell``."""
-        # one gather per shard, not per run of consecutive cells of one shard (random order makes runs short)
         n = len(cells)
-        starts, lens, totals = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
-        groups = []
-        for s in np.unique(shards):
+        starts, ends, totals = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        of_shard = {}
+        for s in np.unique(shards).tolist():
             sel = np.flatnonzero(shards == s)
-            shard = self.corpus.shard(int(s))
+            shard = of_shard[s] = self.corpus.shard(s)
             idx = cells[sel]
-            starts[sel] = shard.offsets[idx]
-            lens[sel] = shard.offsets[idx + 1] - starts[sel]
-            totals[sel] = shard.total_counts[idx]
-            groups.append((shard, sel))
+            starts[sel], ends[sel], totals[sel] = shard.offsets[idx], shard.offsets[idx + 1], shard.total_counts[idx]
         offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        if len(groups) == 1:  # one shard: a token's position in it is its position in the block + a shift
-            shard = groups[0][0]
-            src = np.repeat(starts - offsets[:-1], lens)
-            src += np.arange(len(src), dtype=np.int64)
-            genes, counts = shard.gene_ids[src], shard.counts[src]
+        np.cumsum(ends - starts, out=offsets[1:])
+        # a cell's tokens are one contiguous slice: concatenating slices (plain ndarray views) is ~2x faster than
+        # one fancy-index gather over the block
+        spans = list(zip([of_shard[s] for s in shards.tolist()], starts.tolist(), ends.tolist()))
+        if n:
+            genes = np.concatenate([x.gene_ids[a:b] for x, a, b in spans])
+            counts = np.concatenate([x.counts[a:b] for x, a, b in spans])
         else:
-            genes = np.empty(offsets[-1], dtype=groups[0][0].gene_ids.dtype if groups else np.int32)
-            counts = np.empty(offsets[-1], dtype=groups[0][0].counts.dtype if groups else np.int32)
-            for shard, sel in groups:
-                n_tok = lens[sel]
-                first = np.repeat(offsets[sel], n_tok)  # output position of each token's cell
-                dst = first + np.arange(first.size) - np.repeat(np.cumsum(n_tok) - n_tok, n_tok)
-                src = dst + np.repeat(starts[sel] - offsets[sel], n_tok)
-                genes[dst] = shard.gene_ids[src]
-                counts[dst] = shard.counts[src]
+            genes, counts = np.zeros(0, np.int32), np.zeros(0, np.int32)
         cell_index = base[shards] + cells
         epoch_key = _epoch_key(self.seed, epoch)
         seeds = epoch_key ^ cell_index.astype(np.uint64)  # per-cell seeds for stochastic encodings

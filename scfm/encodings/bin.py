@@ -218,22 +218,28 @@ def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
 
 def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     """Sampling: whether each candidate is among its cell's ``k`` with the smallest keys, where candidate j's key is
-    (low 32 bits of its output, j): ties of the 32-bit part go to the lower index. ``bits`` flat, cell by cell; every
-    cell longer than ``k``. One ``np.partition`` of the 32-bit parts over a padded [cells, longest] table."""
+    (low 32 bits of its output, j): ties of the 32-bit part go to the lower position. ``bits`` flat, cell by cell;
+    cells of at most ``k`` candidates keep all. One ``np.partition`` of the 32-bit parts over a padded
+    [cells, longest] table."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    n_cells, width = len(lengths), int(lengths.max())
+    width = int(lengths.max())
+    if width <= k:
+        return np.ones(len(bits), dtype=bool)
     low = bits.astype(np.uint32)  # the low 32 bits
+    table = np.full((len(lengths), width), np.iinfo(np.uint32).max, dtype=np.uint32)
+    table[np.arange(width) < lengths[:, None]] = low
+    kth = np.repeat(np.partition(table, k - 1, axis=1)[:, k - 1], lengths)
+    keep = low <= kth  # padding is the largest key: a short cell keeps all
     starts = np.cumsum(lengths) - lengths
-    table = np.full(n_cells * width, np.iinfo(np.uint32).max, dtype=np.uint32)
-    table[np.arange(len(low)) + np.repeat(np.arange(n_cells) * width - starts, lengths)] = low
-    kth = np.repeat(np.partition(table.reshape(n_cells, width), k - 1, axis=1)[:, k - 1], lengths)
-    keep = low <= kth
-    over = np.add.reduceat(keep, starts) > k  # the k-th key is tied: keep only the lowest-index ties
-    if over.any():
+    filled = lengths > 0
+    over = np.zeros(len(lengths), dtype=bool)
+    over[filled] = np.add.reduceat(keep, starts[filled]) > k  # the k-th key is tied
+    if over.any():  # keep only the lowest-position ties
         tied = keep & (low == kth)
-        rank = np.cumsum(tied) - np.repeat(np.cumsum(tied)[starts] - tied[starts], lengths)  # 1-based among ties
-        room = k - np.add.reduceat(keep & ~tied, starts)
-        keep &= ~tied | (rank <= np.repeat(room, lengths))
+        before = np.cumsum(tied) - tied  # ties earlier in the block
+        rank = before - np.repeat(before[starts[filled]], lengths[filled]) + 1  # 1-based among the cell's ties
+        room = k - np.add.reduceat(keep & ~tied, starts[filled])
+        keep &= ~tied | (rank <= np.repeat(room, lengths[filled]))
     return keep
 
 
@@ -331,25 +337,16 @@ class BinEncoding:
         keys = purpose_key(np.zeros(n_cells, np.uint64) if cell_seeds is None else cell_seeds, BIN_DRAWS)
         bits = cell_bits(keys, lens)  # output i of the cell's sequence for its i-th non-zero gene
         # scGPT's tie rule ceil(u·(right − left) + left) with u = hi32 / 2³²: left − ⌊hi32 · (left − right) / 2³²⌋
+        chosen = None  # include_zero_genes: the chosen gene-list positions, cell by cell (None: all of them)
+        if sampled.any() and self.include_zero_genes:
+            chosen = self._sample_positions(keys, room)
+        elif sampled.any():  # keep the tokens whose keys are among their cell's ``room`` smallest (token order)
+            index = np.flatnonzero(_smallest(bits, lens, room))
+            gene_ids, token_run, bits = gene_ids[index], token_run[index], bits[index]
         bins = (bits >> np.uint64(32)).view(np.int64)
-        bins *= run_left[token_run] - run_right[token_run]  # < 2³² · n_bins: no overflow
+        bins *= (run_left - run_right)[token_run]  # < 2³² · n_bins: no overflow
         bins >>= 32
         np.subtract(run_left[token_run], bins, out=bins)
-        chosen = None  # include_zero_genes: the chosen gene-list positions, cell by cell (None: all of them)
-        if sampled.any():
-            if self.include_zero_genes:
-                chosen = self._sample_positions(keys, room)
-            else:  # keep a sampled cell's tokens whose key is among its ``room`` smallest (ascending token order)
-                keep = np.ones(len(bits), dtype=bool)
-                if sampled.all():
-                    keep = _smallest(bits, lens, room)
-                else:
-                    cells = np.flatnonzero(sampled)
-                    n = lens[cells]
-                    token = np.repeat(offsets[cells] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
-                    keep[token] = _smallest(bits[token], n, room)
-                index = np.flatnonzero(keep)
-                gene_ids, token_run, bins = gene_ids[index], token_run[index], bins[index]
         kept = np.minimum(candidates, room)
         head = int(self.append_cls)
         out_offsets = np.zeros(n_cells + 1, dtype=np.int64)
