@@ -119,7 +119,7 @@ def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDi
 def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> dict[str, np.ndarray]:
     """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors)."""
     offsets = np.asarray(encoded["offsets"])
-    lengths = np.diff(offsets)
+    lengths = offsets[1:] - offsets[:-1]
     n = len(lengths)
     total = int(offsets[-1])
     token_keys = [k for k in encoded if k not in ("offsets", "cell")]
@@ -130,36 +130,35 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> d
     if strategy == "packed":
         positions = np.arange(total) - np.repeat(offsets[:-1], lengths)
         for k in token_keys:
-            out[k] = np.ascontiguousarray(encoded[k]).astype(_dtype(encoded[k]))[None]
+            out[k] = np.ascontiguousarray(encoded[k], dtype=_dtype(encoded[k]))[None]
         out["positions"] = positions[None]
         out["doc_ids"] = np.repeat(np.arange(n), lengths)[None]
         out["cu_seqlens"] = offsets.astype(np.int32)
     else:
         width = int(lengths.max()) if n else 0
-        cols = np.arange(width)[None, :]
+        cols = np.arange(width)
         mask = cols < lengths[:, None]  # [B, L], row-major order = the cells' flat order
         full = n > 0 and bool((lengths == width).all())  # e.g. encoding=continuous: nothing to pad
         for k in token_keys:
             if full:
                 grid = np.ascontiguousarray(encoded[k], dtype=_dtype(encoded[k])).reshape(n, width)
             else:
-                grid = np.full((n, width), pad_id if k == "gene_ids" else 0, dtype=_dtype(encoded[k]))
+                pad = pad_id if k == "gene_ids" else 0
+                dtype = _dtype(encoded[k])
+                grid = np.full((n, width), pad, dtype=dtype) if pad else np.zeros((n, width), dtype=dtype)
                 grid[mask] = encoded[k]
             out[k] = grid
-        positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
-        if not full:
-            positions[~mask] = 0
-        out["positions"] = positions
+        out["positions"] = np.broadcast_to(cols, (n, width)).copy() if full else cols * mask
         out["padding_mask"] = mask
-    out["lengths"] = lengths.astype(np.int64)
+    out["lengths"] = lengths.astype(np.int64, copy=False)
     for k, v in encoded.get("cell", {}).items():
         out[k] = np.asarray(v)
     return out
 
 
+_DTYPES = {"i": np.int64, "u": np.int64, "b": np.bool_}
+
+
 def _dtype(a: np.ndarray) -> type:
-    if np.issubdtype(a.dtype, np.integer):
-        return np.int64
-    if np.issubdtype(a.dtype, np.bool_):
-        return np.bool_
-    return np.float32
+    """The batch dtype of an encoding output: integers int64, booleans bool, everything else float32."""
+    return _DTYPES.get(a.dtype.kind, np.float32)
