@@ -120,19 +120,16 @@ def _runs(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
     n_cells = len(lens)
     top = int(counts.max()) + 1
     cap = min(top, _DENSE_CAP)
-    small = counts < cap
-    n_big = len(counts) - int(np.count_nonzero(small))
-    if n_big * 8 > len(counts):  # deep cells: a wider table is cheaper than sorting many tokens
+    big = np.flatnonzero(counts >= cap)
+    if len(big) * 8 > len(counts):  # deep cells: a wider table is cheaper than sorting many tokens
         cap = min(top, max(_DENSE_CAP, (2 * len(counts) + 4096) // max(n_cells, 1)))
-        small = counts < cap
-        n_big = len(counts) - int(np.count_nonzero(small))
+        big = np.flatnonzero(counts >= cap)
     cells = np.arange(n_cells, dtype=np.int64)
-    if not n_big:
+    if not len(big):
         token_run = np.repeat(cells * cap, lens)
         token_run += counts
         return (np.repeat(cells, cap), np.tile(np.arange(cap, dtype=np.int64), n_cells),
                 np.bincount(token_run, minlength=n_cells * cap), token_run)
-    big = np.flatnonzero(~small)
     big_cell = np.searchsorted(offsets, big, side="right") - 1
     keys, inverse = np.unique((big_cell << np.int64(32)) | counts[big], return_inverse=True)
     key_cell = keys >> np.int64(32)
@@ -163,7 +160,10 @@ def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins:
     if offsets[-1] == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32), empty, empty
-    run_cell, run_count, run_size, token_run = _runs(np.asarray(counts).astype(np.int64, copy=False), offsets)
+    counts = np.asarray(counts)
+    if counts.dtype not in (np.int32, np.int64):
+        counts = counts.astype(np.int64)
+    run_cell, run_count, run_size, token_run = _runs(counts, offsets)
     run_value = normalised_value(run_count, np.asarray(scale, dtype=np.float64)[run_cell])
     same = (run_cell[1:] == run_cell[:-1]) & (run_value[1:] == run_value[:-1])
     if same.any():  # distinct counts, one float32 value (only at absurd depths): merge the runs
