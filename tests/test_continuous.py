@@ -11,12 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy import stats
+from scipy import special, stats
 
 from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
-from scfm.encodings.continuous import ContinuousEncoding
-from scfm.encodings.rng import cell_rng
+from scfm.encodings import continuous
+from scfm.encodings.continuous import DOWNSAMPLE, MASK, THIN, ZERO, ContinuousEncoding, binomial_quantile
+from scfm.encodings.rng import GOLDEN, mix64_reference, purpose_key_reference, splitmix64_reference
 from scfm.errors import ScfmInputError
 from scfm.vocab import SPECIAL_TOKENS, Vocab
 
@@ -24,10 +25,50 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "encoding" / "continuous.y
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers
+# helpers: the plain per-cell reference of the module docstring's draws
 # ----------------------------------------------------------------------------------------------
+def u_at(seed: int, purpose: int, i: int) -> float:
+    """``u_P(i)``: output ``i`` of SplitMix64 from ``purpose_key(seed, P)``, top 53 bits as a float in [0, 1)."""
+    key = purpose_key_reference(seed, purpose)
+    return (mix64_reference((key + (i + 1) * GOLDEN) % 2**64) >> 11) * 2.0**-53
+
+
+def quantile_ref(u: float, c: int, rate: float) -> int:
+    """``min{k : F(k) > u}``, F the Binomial(c, rate) CDF, by bisection; ``F(k) > u`` is scipy's
+    ``bdtr(k) > u`` for u < 1/2 and ``bdtrc(k) < 1 − u`` above (the upper tail to full precision)."""
+    if c == 0 or rate <= 0.0 or u == 0.0:
+        return c if rate >= 1.0 else 0
+    if rate >= 1.0:
+        return c
+    lo, hi = -1, c  # F(lo) <= u < F(hi) (F(−1) = 0, F(c) = 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cdf_above(mid, c, rate, u) else (mid, hi)
+    return hi
+
+
+def cdf_above(k: int, c: int, rate: float, u: float) -> bool:
+    """``F(k) > u``: ``bdtr(k) > u`` for u < 1/2, ``bdtrc(k) < 1 − u`` above."""
+    return special.bdtr(k, c, rate) > u if u < 0.5 else special.bdtrc(k, c, rate) < 1.0 - u
+
+
+def zero_columns_ref(seed: int, n_genes: int, p: float) -> list[int]:
+    """Columns drawn for zero masking: geometric gaps, one per output of ``ZERO``, until past the last column."""
+    if p <= 0.0:
+        return []
+    if p >= 1.0:
+        return list(range(n_genes))
+    cols, x, i = [], -1, 0
+    while True:
+        x += math.floor(math.log(1.0 - u_at(seed, ZERO, i)) / math.log1p(-p)) + 1
+        i += 1
+        if x >= n_genes:
+            return cols
+        cols.append(x)
+
+
 def reference(enc: ContinuousEncoding, gene_ids, counts, total: int, seed: int) -> dict:
-    """One cell, gene by gene, replaying the documented draw order with scalar draws."""
+    """One cell, gene by gene, with scalar draws (plain Python + scipy), from the documented definition."""
     tokens = enc.gene_tokens.tolist()
     G = len(tokens)
     column = {t: j for j, t in enumerate(tokens)}
@@ -35,19 +76,17 @@ def reference(enc: ContinuousEncoding, gene_ids, counts, total: int, seed: int) 
     for g, n in zip(np.asarray(gene_ids).tolist(), np.asarray(counts).tolist()):
         if g in column and n > 0:
             c[column[g]] = n
-    by_token = sorted(np.flatnonzero(c), key=lambda j: tokens[j])  # per-gene draws go in token-id order
-    rng = cell_rng(seed)
-    thin, outside, rate, down = c.copy(), total - int(c.sum()), 1.0, False
-    if rng.random() < enc.downsample_prob and total >= enc.downsample_min_total:
-        down, rate = True, rng.beta(enc.beta_a, enc.beta_b)
-        for j in by_token:
-            thin[j] = rng.binomial(int(c[j]), rate)
-        outside = int(rng.binomial(outside, rate))
+    thin, outside, rate = c.copy(), total - int(c.sum()), 1.0
+    down = u_at(seed, DOWNSAMPLE, 0) < enc.downsample_prob and total >= enc.downsample_min_total
+    if down:
+        rate = float(special.betaincinv(enc.beta_a, enc.beta_b, u_at(seed, DOWNSAMPLE, 1)))
+        for j in np.flatnonzero(c):
+            thin[j] = quantile_ref(u_at(seed, THIN, tokens[j]), int(c[j]), rate)
+        outside = quantile_ref(u_at(seed, DOWNSAMPLE, 2), outside, rate)
     masked = np.zeros(G + 2, dtype=bool)
-    for j in by_token:
-        if thin[j] > 0:
-            masked[j] = rng.random() < enc.mask_nonzero
-    for j in rng.choice(G, rng.binomial(G, enc.mask_zero), replace=False, shuffle=False):
+    for j in np.flatnonzero(thin):
+        masked[j] = u_at(seed, MASK, tokens[j]) < enc.mask_nonzero
+    for j in zero_columns_ref(seed, G, enc.mask_zero):
         if thin[j] == 0:
             masked[j] = True
     values = np.zeros(G + 2, dtype=np.float32)
@@ -63,6 +102,28 @@ def reference(enc: ContinuousEncoding, gene_ids, counts, total: int, seed: int) 
     return {"gene_ids": np.array([*tokens, 0, 0]), "values": values, "target_values": target, "value_mask": masked,
             "encoder_mask": encoder, "token_kind": np.array([0] * G + [1, 2]),
             "cell": {"raw_total": total, "input_total": input_total, "downsampled": down, "rate": rate}}
+
+
+def assert_matches_reference(enc, gene_ids, counts, offsets, totals, cell_seeds) -> list[dict]:
+    """Encode the block and compare every cell with ``reference``; returns the references."""
+    out = enc.encode(gene_ids, counts, offsets, totals, cell_seeds=cell_seeds)
+    assert set(out) == {"gene_ids", "values", "target_values", "value_mask", "encoder_mask", "token_kind", "offsets",
+                        "cell"}
+    refs = []
+    for i in range(len(offsets) - 1):
+        lo, hi = offsets[i], offsets[i + 1]
+        ref = reference(enc, gene_ids[lo:hi], counts[lo:hi], int(totals[i]), int(cell_seeds[i]))
+        for key in ("gene_ids", "value_mask", "encoder_mask", "token_kind"):
+            np.testing.assert_array_equal(row(out, i, key), ref[key], err_msg=f"cell {i} {key}")
+        for key in ("values", "target_values"):
+            np.testing.assert_allclose(row(out, i, key), ref[key], rtol=1e-6, atol=0, err_msg=f"cell {i} {key}")
+        cell = ref["cell"]
+        assert out["cell"]["raw_total"][i] == np.float32(cell["raw_total"])
+        assert out["cell"]["input_total"][i] == np.float32(cell["input_total"]), i
+        assert out["cell"]["downsampled"][i] == cell["downsampled"]
+        assert out["cell"]["rate"][i] == np.float32(cell["rate"])
+        refs.append(ref)
+    return refs
 
 
 def block(corpus, cells):
@@ -119,27 +180,118 @@ def test_matches_reference_on_real_cells(pbmc_corpus, pbmc_cells, tmp_path, vari
         np.testing.assert_array_equal(enc.gene_tokens, vocab.lookup(genes))
     gene_ids, counts, offsets, totals = block(pbmc_corpus, pbmc_cells)
     cell_seeds = seeds(len(pbmc_cells))
-    out = enc.encode(gene_ids, counts, offsets, totals, cell_seeds=cell_seeds)
-    assert set(out) == {"gene_ids", "values", "target_values", "value_mask", "encoder_mask", "token_kind", "offsets",
-                        "cell"}
-    branches = set()
-    for i in range(len(pbmc_cells)):
-        lo, hi = offsets[i], offsets[i + 1]
-        ref = reference(enc, gene_ids[lo:hi], counts[lo:hi], int(totals[i]), int(cell_seeds[i]))
-        for key in ("gene_ids", "value_mask", "encoder_mask", "token_kind"):
-            np.testing.assert_array_equal(row(out, i, key), ref[key], err_msg=f"cell {i} {key}")
-        for key in ("values", "target_values"):
-            np.testing.assert_allclose(row(out, i, key), ref[key], rtol=1e-6, atol=0, err_msg=f"cell {i} {key}")
-        cell = ref["cell"]
-        assert out["cell"]["raw_total"][i] == cell["raw_total"]
-        assert out["cell"]["input_total"][i] == cell["input_total"]
-        assert out["cell"]["downsampled"][i] == cell["downsampled"]
-        assert out["cell"]["rate"][i] == np.float32(cell["rate"])
-        branches.add((cell["downsampled"], totals[i] >= enc.downsample_min_total))
+    refs = assert_matches_reference(enc, gene_ids, counts, offsets, totals, cell_seeds)
+    branches = {(r["cell"]["downsampled"], t >= enc.downsample_min_total) for r, t in zip(refs, totals)}
+    assert branches == {(True, True), (False, True), (False, False)}  # all three paths were compared
     if variant == "gene_list":  # counts outside the list were thinned into S
         assert (enc.sample(gene_ids, counts, offsets, totals, cell_seeds).raw_in < totals).all()
-    assert branches == {(True, True), (False, True), (False, False)}  # all three paths were compared
-    assert out["value_mask"].sum() > 0 and (out["encoder_mask"] & (out["token_kind"] == 0)).sum() > 0
+    thinned = [r["cell"]["input_total"] for r, t in zip(refs, totals) if r["cell"]["downsampled"]]
+    assert len(thinned) > 10 and sum(v["value_mask"].sum() for v in refs) > 0
+
+
+def test_cells_encode_the_same_alone_as_in_a_block(pbmc_corpus):
+    enc = ContinuousEncoding(mask_zero=0.1).bind(pbmc_corpus)
+    gene_ids, counts, offsets, totals = block(pbmc_corpus, range(30))
+    cell_seeds = seeds(30, 5)
+    out = enc.encode(gene_ids, counts, offsets, totals, cell_seeds=cell_seeds)
+    for i in [0, 7, 13, 29]:
+        lo, hi = offsets[i], offsets[i + 1]
+        alone = enc.encode(gene_ids[lo:hi], counts[lo:hi], np.array([0, hi - lo]), totals[i:i + 1], cell_seeds[i:i + 1])
+        for key in ("values", "target_values", "value_mask", "encoder_mask", "gene_ids", "token_kind"):
+            np.testing.assert_array_equal(alone[key], row(out, i, key), err_msg=f"cell {i} {key}")
+        for key, v in out["cell"].items():
+            assert alone["cell"][key][0] == v[i]
+
+
+def test_draws_are_the_documented_splitmix64_outputs():
+    """``u_at`` (the tests' reading of the docstring) is output i of ``splitmix64_reference``."""
+    for seed, purpose in [(0, DOWNSAMPLE), (2**64 - 1, THIN), (12345, ZERO)]:
+        outs = splitmix64_reference(purpose_key_reference(seed, purpose), 40)
+        assert [u_at(seed, purpose, i) for i in range(40)] == [(o >> 11) * 2.0**-53 for o in outs]
+
+
+@pytest.mark.parametrize("params", [
+    {},  # defaults
+    {"downsample_prob": 1.0, "downsample_min_total": 0, "beta_a": 0.05, "beta_b": 20.0},  # γ near 0
+    {"downsample_prob": 1.0, "downsample_min_total": 0, "beta_a": 20.0, "beta_b": 0.05},  # γ near 1
+    {"downsample_prob": 1.0, "downsample_min_total": 0, "mask_nonzero": 1.0, "mask_zero": 1.0},
+    {"downsample_prob": 1.0, "downsample_min_total": 0, "mask_nonzero": 0.0, "mask_zero": 0.0},
+    {"downsample_prob": 1.0, "downsample_min_total": 0, "mask_nonzero": 0.5, "mask_zero": 0.002},
+])
+def test_matches_reference_on_edge_cases(small_encodings, params):
+    """Empty cells, total 0, counts only outside the list, counts around the inversion's 16 and huge counts."""
+    enc = small_encodings(True, **params)
+    listed = enc.gene_tokens - len(SPECIAL_TOKENS)
+    other = np.setdiff1d(np.arange(N_VOCAB), listed)
+    cells = [[], [(int(listed[0]), 1)], [(int(other[0]), 5)],
+             [(int(g), n) for g, n in zip(listed[:8], [1, 2, 15, 16, 17, 18, 64, 65])],
+             [(int(listed[3]), 1_000_000), (int(listed[5]), 123_456), (int(listed[9]), 3)],
+             [(int(g), 1 + (k * 37) % 300) for k, g in enumerate(listed)]]
+    gid, cnt, offsets, totals = _csr(cells, [0, 0, 0, 40, 2_000_000, 500])
+    flat_g, flat_c = np.concatenate(gid), np.concatenate(cnt)
+    assert totals[0] == 0 and totals[2] == 5
+    for rep in range(8):
+        cell_seeds = seeds(len(cells), rep)
+        refs = assert_matches_reference(enc, flat_g, flat_c, offsets, totals, cell_seeds)
+        if "beta_a" in params:
+            rates = np.array([r["cell"]["rate"] for r in refs])
+            assert ((rates < 1e-3) | (rates > 1 - 1e-3)).any()
+
+
+def test_binomial_quantile_is_the_inverse_cdf():
+    rng = np.random.default_rng(0)
+    rates = np.array([0.0, 1.0, 1e-300, 1e-12, 0.5, 1 - 1e-12, 1 - 2**-53, *rng.random(20)])
+    c = np.concatenate([np.arange(0, 40), [64, 100, 1000, 10**6, 2**31 - 1]])
+    grid_c, grid_r = np.meshgrid(c, np.arange(len(rates)))
+    grid_c, grid_r = grid_c.ravel(), grid_r.ravel()
+    for us in [np.zeros(len(grid_c)), np.full(len(grid_c), 1 - 2**-53), rng.random(len(grid_c))]:
+        got = binomial_quantile(us, grid_c, grid_r, rates)
+        small = grid_c < 2000
+        ref = [quantile_ref(u, int(k), rates[g]) for u, k, g in zip(us[small], grid_c[small], grid_r[small])]
+        np.testing.assert_array_equal(got[small], ref)
+        for u, k, n, r in zip(us[~small], got[~small], grid_c[~small], rates[grid_r[~small]]):
+            if 0 < r < 1 and u > 0:  # F(k − 1) <= u < F(k)
+                assert cdf_above(k, n, r, u) and (k == 0 or not cdf_above(k - 1, n, r, u)), (u, k, n, r)
+            else:
+                assert k == (n if r == 1 else 0)
+    # and its law: with uniform u, Binomial(c, γ) (a chi-square test per (c, γ))
+    for n, r in [(1, 0.3), (5, 0.7), (16, 0.5), (17, 0.5), (300, 0.02)]:
+        k = binomial_quantile(rng.random(20_000), np.full(20_000, n), np.zeros(20_000, np.int64), np.array([r]))
+        observed = np.bincount(k, minlength=n + 1)
+        expected = stats.binom.pmf(np.arange(n + 1), n, r) * 20_000
+        keep = expected > 5
+        chi2 = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert stats.chi2.sf(chi2, keep.sum() - 1) > 1e-4, (n, r)
+
+
+def test_large_count_search_does_not_depend_on_the_guess(monkeypatch):
+    """Far from the guess, the inversion brackets and bisects: a bad guess changes nothing."""
+    rng = np.random.default_rng(4)
+    n = rng.integers(17, 5000, 300)
+    g = np.concatenate([rng.random(297), [1e-9, 0.5, 1 - 1e-9]])
+    u = np.concatenate([rng.random(297), [2.0**-53, 0.5, 1 - 2.0**-53]])
+    good = continuous._large_quantile(u, n, g)
+    for bad in (lambda u, n, g: np.zeros(len(n), np.int64), lambda u, n, g: n.copy(),
+                lambda u, n, g: np.clip(n // 2 + rng.integers(-40, 40, len(n)), 0, n)):
+        monkeypatch.setattr(continuous, "_guess", bad)
+        np.testing.assert_array_equal(continuous._large_quantile(u, n, g), good)
+    monkeypatch.undo()
+    ref = [quantile_ref(float(a), int(b), float(r)) for a, b, r in zip(u, n, g)]
+    np.testing.assert_array_equal(good, ref)
+
+
+def test_zero_mask_draws_do_not_depend_on_the_chunk_size(pbmc_corpus, monkeypatch):
+    """The block draws a fixed number of gaps per cell and tops up the cells not yet past the end: shrinking that
+    number to 1 gap per round changes nothing."""
+    keys = np.array([3, 99, 2**63 + 5], dtype=np.uint64)
+    for p in [0.001, 0.03, 0.5, 0.97]:
+        full = continuous.zero_mask_columns(keys, 500, p)
+        monkeypatch.setattr(continuous, "_ZERO_SD", 0.0)
+        monkeypatch.setattr(continuous, "_ZERO_SLACK", 0)
+        assert continuous._zero_draws(500, 0.001) == 1
+        np.testing.assert_array_equal(continuous.zero_mask_columns(keys, 500, p), full)
+        monkeypatch.undo()
+        assert (np.diff(full) > 0).all() and full.min() >= 0 and full.max() < 3 * 500
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,15 +427,25 @@ def test_seeds_drive_all_randomness(pbmc_corpus):
     np.testing.assert_array_equal(fixed["values"], enc.encode(*args)["values"])
 
 
-def test_cell_generators_are_independent_streams():
-    """Stream seeds are ``epoch_key ^ cell_index``: neighbouring seeds must give unrelated streams."""
-    base = 0x1234_5678_9ABC_DEF0
-    first = np.array([cell_rng(base ^ i).random(2) for i in range(4000)])
-    assert stats.kstest(first[:, 0], "uniform").pvalue > 1e-3
-    assert abs(np.corrcoef(first[:-1, 0], first[1:, 0])[0, 1]) < 4 / np.sqrt(len(first))
-    assert abs(np.corrcoef(first[:, 0], first[:, 1])[0, 1]) < 4 / np.sqrt(len(first))
-    np.testing.assert_array_equal(cell_rng(7).random(5), cell_rng(7).random(5))
-    assert not np.array_equal(cell_rng(7).random(5), cell_rng(6).random(5))
+def test_neighbouring_seeds_give_unrelated_draws(small_encodings):
+    """Stream seeds are ``epoch_key ^ cell_index``: neighbouring seeds, and the purposes and genes of one seed,
+    must give unrelated draws."""
+    enc = small_encodings(False, downsample_prob=1.0, downsample_min_total=0, mask_nonzero=0.5)
+    n = 4000
+    cell_seeds = np.uint64(0x1234_5678_9ABC_DEF0) ^ np.arange(n, dtype=np.uint64)
+    gid = np.tile(np.array([4, 5]), n)
+    cnt = np.full(2 * n, 1000)
+    smp = enc.sample(gid, cnt, np.arange(n + 1) * 2, np.full(n, 2000), cell_seeds)
+    rate = smp.rate
+    assert stats.kstest(rate, "beta", args=(2.0, 2.0)).pvalue > 1e-3
+    thin = smp.thinned.reshape(n, 2)
+    z = (thin - 1000 * rate[:, None]) / np.sqrt(1000 * rate * (1 - rate))[:, None]  # ~N(0, 1) given γ
+    mask = smp.masked.reshape(n, 2).astype(float)
+    bound = 4 / np.sqrt(n)
+    for a, b in [(rate[:-1], rate[1:]), (z[:, 0], z[:, 1]), (z[:-1, 0], z[1:, 0]), (rate, z[:, 0]),
+                 (mask[:, 0], mask[:, 1]), (mask[:-1, 0], mask[1:, 0]), (mask[:, 0], z[:, 0])]:
+        assert abs(np.corrcoef(a, b)[0, 1]) < bound
+    assert abs(mask.mean() - 0.5) < 4 * np.sqrt(0.25 / mask.size)
 
 
 def test_lengths_equal_encoded_lengths(pbmc_corpus):

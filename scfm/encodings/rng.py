@@ -99,36 +99,3 @@ def splitmix64_reference(key: int, n: int) -> list[int]:
 def purpose_key_reference(seed: int, purpose: int) -> int:
     """``purpose_key`` in plain Python."""
     return mix64_reference((seed + purpose * _PURPOSE_STEP) & _MASK)
-
-
-# -- legacy per-cell generators (encoding=continuous until it moves to the counter-based draws) ---------------
-_GOLDEN = [np.uint64(k * GOLDEN % 2**64) for k in range(1, 5)]
-
-
-def pcg64_states(cell_seeds: np.ndarray) -> list[dict]:
-    """``PCG64`` states, one per seed: state and (odd) increment from four SplitMix64 words of the seed."""
-    seeds = np.asarray(cell_seeds, dtype=np.uint64)
-    w = [mix64(seeds + k).tolist() for k in _GOLDEN]
-    return [{"bit_generator": "PCG64", "state": {"state": (a << 64) | b, "inc": (c << 64) | d | 1},
-             "has_uint32": 0, "uinteger": 0} for a, b, c, d in zip(*w)]
-
-
-def cell_rng(seed: int) -> np.random.Generator:
-    """The stream of one cell seed (a fresh generator; use ``CellStreams`` for many cells)."""
-    bits = np.random.PCG64()
-    bits.state = pcg64_states(np.array([seed], dtype=np.uint64))[0]
-    return np.random.Generator(bits)
-
-
-class CellStreams:
-    """``streams(i)`` is in the state of ``cell_rng(seeds[i])``. One generator is reused: a stream is valid
-    until the next call."""
-
-    def __init__(self, seeds: np.ndarray) -> None:
-        self.states = pcg64_states(seeds)
-        self.bit_generator = np.random.PCG64(0)
-        self.generator = np.random.Generator(self.bit_generator)
-
-    def __call__(self, i: int) -> np.random.Generator:
-        self.bit_generator.state = self.states[i]
-        return self.generator
