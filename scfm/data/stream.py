@@ -29,7 +29,9 @@ from scfm.corpus import Corpus
 from scfm.data.batching import Batching, collate, collate_arrays
 from scfm.errors import ScfmInputError
 
-_BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many encoded tokens are read and encoded together
+_BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
+_BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells, ~60 MB of arrays).
+# Encodings are vectorised over a block: ~100 numpy calls of fixed cost per block, amortised over its cells.
 _PIPE_TOKENS = 1 << 16  # batches up to this many tokens leave a loader worker as ``Encoded``, bigger ones ``Packed``
 
 
@@ -195,6 +197,10 @@ class CellStream(IterableDataset):
             self._lengths[shard] = np.asarray(self.encoding.lengths(self.corpus.shard(shard)), dtype=np.int64)
         return self._lengths[shard]
 
+    def stored(self, shard: int) -> np.ndarray:
+        """Stored (non-zero) tokens of every cell of a shard: what reading a cell costs."""
+        return np.diff(self.corpus.shard(shard).offsets)
+
     def consumer(self) -> tuple[int, int]:
         """(index, count) of this reader among all ranks × loader workers."""
         info = get_worker_info()
@@ -287,13 +293,17 @@ class CellStream(IterableDataset):
         send_arrays = get_worker_info() is not None and not self.lay_out_in_worker
         sizes = np.array([len(x) for x in batches], dtype=np.int64)
         order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
-        tokens = np.add.reduceat(cell_lengths[order], np.cumsum(sizes) - sizes) if len(order) else sizes
+        firsts = np.cumsum(sizes) - sizes
+        tokens = np.add.reduceat(cell_lengths[order], firsts) if len(order) else sizes
+        stored = np.add.reduceat(_gather_per_shard(self.stored, shards[order], cells[order]), firsts) \
+            if len(order) else sizes
         while b < len(batches):
             # a block of consecutive batches is read and encoded at once (cells are encoded independently,
             # so the result does not depend on the grouping), then laid out batch by batch
-            end, n = b + 1, tokens[b]
-            while end < len(batches) and n + tokens[end] <= _BLOCK_TOKENS:
+            end, n, m = b + 1, tokens[b], stored[b]
+            while end < len(batches) and n + tokens[end] <= _BLOCK_ENCODED and m + stored[end] <= _BLOCK_TOKENS:
                 n += tokens[end]
+                m += stored[end]
                 end += 1
             block = np.concatenate(batches[b:end])
             encoded = self.encode_cells(shards[block], cells[block], base, epoch)
