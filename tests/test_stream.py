@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import pickle
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.data import stream as stream_module
-from scfm.data.batching import Batching, collate, collate_arrays
+from scfm.data.batching import Batching, collate
 from scfm.data.datamodule import CellDataModule, _as_is
-from scfm.data.stream import CellStream, Packed
+from scfm.data.stream import CellStream, Encoded, compact
+from scfm.encodings.continuous import ContinuousEncoding
 from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
 
@@ -161,29 +163,36 @@ def test_resume_through_stateful_dataloader_with_workers(synthetic_corpus):
     assert sorted(functools.reduce(operator.iadd, full, [])) == sorted(set(functools.reduce(operator.iadd, full, [])))
 
 
-@pytest.mark.parametrize("strategy", ["random", "packed"])
-def test_packed_transfer_lays_out_the_same_batch(pbmc_corpus, strategy):
-    s = stream(pbmc_corpus, strategy=strategy, batch_size=5, max_len=300)
+@pytest.mark.parametrize(("strategy", "encoding"), [("random", "rank"), ("packed", "rank"), ("random", "continuous")])
+def test_compact_transfer_lays_out_the_same_batch(pbmc_corpus, strategy, encoding):
+    enc = (RankEncoding(max_len=300) if encoding == "rank" else ContinuousEncoding(max_genes=3000)).bind(pbmc_corpus)
+    s = CellStream(pbmc_corpus, enc, Batching(strategy=strategy, batch_size=5))
     shards, cells, _, batches = s.plan(0, 0, 1)
     base = np.concatenate([[0], np.cumsum(pbmc_corpus.shard_sizes)])
     part = s.encode_cells(shards[batches[0]], cells[batches[0]], base, 0)
-    packed = Packed.of(collate_arrays(part, "packed" if strategy == "packed" else "padded"))
-    assert packed.buffer.is_shared()
-    got, want = packed.lay_out(), collate(part, "packed" if strategy == "packed" else "padded")
+    small = compact(part)
+    if encoding == "continuous":  # gene ids repeat one row; most of 3,000 genes are zero in a cell
+        assert small["gene_ids"][0] == "row" and small["token_kind"][0] == "row"
+        assert small["value_mask"][0] == small["values"][0] == "sparse"
+        assert len(pickle.dumps(small)) * 2 < len(pickle.dumps(part))
+    layout = "packed" if strategy == "packed" else "padded"
+    got, want = Encoded(small, layout).lay_out(), collate(part, layout)
     assert set(got.keys()) == set(want.keys())
     for k in sorted(want.keys()):
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
-def test_datamodule_workers_send_big_batches_packed(synthetic_corpus, monkeypatch):
-    """Every batch through shared memory (``Packed``, as big batches go) equals the batch laid out in the worker."""
-    monkeypatch.setattr(stream_module, "_PIPE_TOKENS", 0)  # loader workers are forked: they see the patch
-    dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(synthetic_corpus.path),
-                        val_fraction=0.0, num_workers=2, progress=False)
+@pytest.mark.parametrize("encoding", ["rank", "continuous"])
+def test_datamodule_workers_send_big_batches_compacted(synthetic_corpus, monkeypatch, encoding):
+    """Every batch compacted in a worker (as big batches go) equals the batch laid out in the worker."""
+    monkeypatch.setattr(stream_module, "_COMPACT_TOKENS", 0)  # loader workers are forked: they see the patch
+    make = (lambda: RankEncoding(max_len=64)) if encoding == "rank" else (lambda: ContinuousEncoding(max_genes=64))
+    dm = CellDataModule(make(), {"batch_size": 16}, corpus=str(synthetic_corpus.path), val_fraction=0.0,
+                        num_workers=2, progress=False)
     dm.setup()
     got = list(dm.train_dataloader())
-    want = list(StatefulDataLoader(stream(synthetic_corpus, batch_size=16, max_len=64, val_fraction=0.0),
-                                   batch_size=None, num_workers=2, collate_fn=_as_is))
+    inner = CellStream(synthetic_corpus, make().bind(synthetic_corpus), Batching(batch_size=16), val_fraction=0.0)
+    want = list(StatefulDataLoader(inner, batch_size=None, num_workers=2, collate_fn=_as_is))
     assert len(got) == len(want) > 2
     for a, b in zip(got, want):
         assert set(a.keys()) == set(b.keys())

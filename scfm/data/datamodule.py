@@ -10,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.corpus import Corpus
 from scfm.data.batching import Batching
-from scfm.data.stream import CellStream, Encoded, Packed, worker_init_fn
+from scfm.data.stream import CellStream, Encoded, worker_init_fn
 from scfm.errors import ScfmInputError
 
 
@@ -107,14 +107,14 @@ class CellDataModule(L.LightningDataModule):
 
 
 class _Loader(StatefulDataLoader):
-    """Lays out the ``Encoded`` / ``Packed`` batches that loader workers send (see ``scfm.data.stream``)."""
+    """Lays out the ``Encoded`` batches that loader workers send (see ``scfm.data.stream``)."""
 
     def __iter__(self):
         return map(_lay_out, super().__iter__())
 
 
 def _lay_out(item: Any) -> Any:
-    return item.lay_out() if isinstance(item, (Encoded, Packed)) else item
+    return item.lay_out() if isinstance(item, Encoded) else item
 
 
 def _as_is(batch):
