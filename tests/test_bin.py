@@ -377,3 +377,17 @@ def test_packed_batches_carry_bins_and_values(pbmc_corpus):
         body = torch.ones(T, dtype=torch.bool)
         body[starts] = False
         assert (b["values_bin"][0, body] >= 1).all() and (b["values"][0, body] > 0).all()
+
+
+def test_sampling_table_holds_only_cells_longer_than_the_sample():
+    """Many shallow cells and one deep cell: the key table must not be cells × longest (that was 1.6 GB here)."""
+    import tracemalloc
+
+    lengths = np.array([20] * 10_000 + [20_000])
+    bits = np.arange(lengths.sum(), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    tracemalloc.start()
+    keep = _smallest(bits, lengths, 1199)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keep[:200_000].all() and keep[200_000:].sum() == 1199
+    assert peak < 20e6, peak

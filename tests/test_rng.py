@@ -40,3 +40,9 @@ def test_purposes_and_seeds_give_independent_looking_streams():
 def test_mix64_rejects_other_dtypes():
     with pytest.raises(TypeError, match="uint64"):
         rng.mix64(np.arange(3))
+
+
+def test_bits_at_mixes_scalars_and_mix64_refuses_strided_arrays():
+    assert rng.bits_at(np.uint64(5), 0).tolist() == rng.splitmix64_reference(5, 1)
+    with pytest.raises(TypeError, match="contiguous"):
+        rng.mix64(np.zeros((4, 4), dtype=np.uint64)[:, ::2])

@@ -182,6 +182,19 @@ def test_compact_transfer_lays_out_the_same_batch(pbmc_corpus, strategy, encodin
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
+def test_compact_keeps_float_bits_and_leaves_other_arrays():
+    x = np.zeros(40, dtype=np.float32)
+    x[[1, 9, 10]] = -0.0, 1.5, np.nan  # 3 of 40 non-zero bit patterns: sparse
+    grid = np.arange(80).reshape(40, 2)  # not a flat per-token array: passes through
+    part = {"values": x, "grid": grid, "offsets": np.array([0, 20, 40]), "cell": {"i": np.arange(2)}}
+    small = compact(part)
+    assert small["values"][0] == "sparse" and small["grid"] is grid
+    back = stream_module.expand(small)["values"]
+    assert back.dtype == x.dtype and np.array_equal(back.view(np.uint32), x.view(np.uint32))  # -0.0 and NaN kept
+    rows = compact({"v": np.tile(np.array([0.0, -0.0], np.float32), 3), "offsets": np.array([0, 2, 4, 6])})["v"]
+    assert rows[0] == "row" and np.signbit(rows[1][1])
+
+
 @pytest.mark.parametrize("encoding", ["rank", "continuous"])
 def test_datamodule_workers_send_big_batches_compacted(synthetic_corpus, monkeypatch, encoding):
     """Every batch compacted in a worker (as big batches go) equals the batch laid out in the worker."""

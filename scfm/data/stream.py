@@ -59,12 +59,14 @@ def compact(encoded: dict[str, Any]) -> dict[str, Any]:
     width = int(lengths[0]) if n and (lengths == lengths[0]).all() else 0
     out: dict[str, Any] = {}
     for key, a in encoded.items():
-        if key in ("offsets", "cell") or not isinstance(a, np.ndarray) or len(a) != total or not total:
+        if key in ("offsets", "cell") or not isinstance(a, np.ndarray) or a.ndim != 1 or len(a) != total or not total:
             out[key] = a
-        elif width and n > 1 and (a.reshape(n, width) == a[:width]).all():
+            continue
+        exact = a.view(f"u{a.itemsize}") if a.dtype.kind == "f" else a  # floats by their bits: -0.0, NaN kept
+        if width and n > 1 and (exact.reshape(n, width) == exact[:width]).all():
             out[key] = ("row", a[:width].copy(), n)
         else:
-            index = np.flatnonzero(a)
+            index = np.flatnonzero(exact)
             values = a.dtype if a.dtype == np.bool_ else a[index]  # booleans: the index says it all
             out[key] = ("sparse", total, index.astype(np.int32 if total < 2**31 else np.int64), values) \
                 if len(index) * 8 <= total else a

@@ -219,27 +219,35 @@ def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
 def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     """Sampling: whether each candidate is among its cell's ``k`` with the smallest keys, where candidate j's key is
     (low 32 bits of its output, j): ties of the 32-bit part go to the lower position. ``bits`` flat, cell by cell;
-    cells of at most ``k`` candidates keep all. One ``np.partition`` of the 32-bit parts over a padded
-    [cells, longest] table."""
+    cells of at most ``k`` candidates keep all."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    sampled = lengths > k
+    if sampled.all():
+        return _smallest_of_long_cells(bits, lengths, k)
+    keep = np.ones(len(bits), dtype=bool)
+    if sampled.any():  # only cells longer than k go into the table: at most total / (k + 1) rows
+        tokens = np.repeat(sampled, lengths)
+        keep[tokens] = _smallest_of_long_cells(bits[tokens], lengths[sampled], k)
+    return keep
+
+
+def _smallest_of_long_cells(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """``_smallest`` for cells all longer than ``k``: one ``np.partition`` of the 32-bit parts over a padded
+    [cells, longest] table."""
     width = int(lengths.max())
-    if width <= k:
-        return np.ones(len(bits), dtype=bool)
     low = bits.astype(np.uint32)  # the low 32 bits
     table = np.full((len(lengths), width), np.iinfo(np.uint32).max, dtype=np.uint32)
     table[np.arange(width) < lengths[:, None]] = low
     kth = np.repeat(np.partition(table, k - 1, axis=1)[:, k - 1], lengths)
-    keep = low <= kth  # padding is the largest key: a short cell keeps all
+    keep = low <= kth
     starts = np.cumsum(lengths) - lengths
-    filled = lengths > 0
-    over = np.zeros(len(lengths), dtype=bool)
-    over[filled] = np.add.reduceat(keep, starts[filled]) > k  # the k-th key is tied
+    over = np.add.reduceat(keep, starts) > k  # the k-th key is tied
     if over.any():  # keep only the lowest-position ties
         tied = keep & (low == kth)
         before = np.cumsum(tied) - tied  # ties earlier in the block
-        rank = before - np.repeat(before[starts[filled]], lengths[filled]) + 1  # 1-based among the cell's ties
-        room = k - np.add.reduceat(keep & ~tied, starts[filled])
-        keep &= ~tied | (rank <= np.repeat(room, lengths[filled]))
+        rank = before - np.repeat(before[starts], lengths) + 1  # 1-based among the cell's ties
+        room = k - np.add.reduceat(keep & ~tied, starts)
+        keep &= ~tied | (rank <= np.repeat(room, lengths))
     return keep
 
 

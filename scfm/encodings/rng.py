@@ -25,8 +25,8 @@ _CHUNK = 1 << 15  # elements per in-place pass: temporaries stay in the L2 cache
 def mix64(z: np.ndarray, add: np.ndarray | None = None) -> np.ndarray:
     """SplitMix64's output function, **in place** on a uint64 array (wrapping arithmetic); returns ``z``.
     ``add`` (same length, optional) is added to ``z`` first, chunk by chunk while the chunk is in cache."""
-    if z.dtype != np.uint64:
-        raise TypeError(f"mix64 needs uint64, got {z.dtype}")
+    if z.dtype != np.uint64 or not z.flags.c_contiguous:
+        raise TypeError(f"mix64 needs a C-contiguous uint64 array, got {z.dtype}")
     flat = z.reshape(-1)
     tmp = np.empty(min(len(flat), _CHUNK), dtype=np.uint64)
     for a in range(0, len(flat), _CHUNK):
@@ -64,9 +64,9 @@ def purpose_key(seeds: np.ndarray | int, purpose: int) -> np.ndarray:
 
 def bits_at(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Output ``index`` of each key's SplitMix64 sequence (uint64; ``keys`` and ``index`` broadcast)."""
-    z = np.asarray(index).astype(np.uint64) + np.uint64(1)
+    z = np.array(index, dtype=np.uint64, ndmin=1) + np.uint64(1)
     z *= np.uint64(GOLDEN)
-    return mix64(z + np.asarray(keys, dtype=np.uint64))
+    return mix64(np.ascontiguousarray(z + np.asarray(keys, dtype=np.uint64)))
 
 
 def cell_bits(keys: np.ndarray, lengths: np.ndarray) -> np.ndarray:
