@@ -203,10 +203,6 @@ class CellStream(IterableDataset):
             self._lengths[shard] = np.asarray(self.encoding.lengths(self.corpus.shard(shard)), dtype=np.int64)
         return self._lengths[shard]
 
-    def stored(self, shard: int) -> np.ndarray:
-        """Stored (non-zero) tokens of every cell of a shard: what reading a cell costs."""
-        return np.diff(self.corpus.shard(shard).offsets)
-
     def consumer(self) -> tuple[int, int]:
         """(index, count) of this reader among all ranks × loader workers."""
         info = get_worker_info()
@@ -301,8 +297,8 @@ class CellStream(IterableDataset):
         order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
         firsts = np.cumsum(sizes) - sizes
         tokens = np.add.reduceat(cell_lengths[order], firsts) if len(order) else sizes
-        stored = np.add.reduceat(_gather_per_shard(self.stored, shards[order], cells[order]), firsts) \
-            if len(order) else sizes
+        stored = np.add.reduceat(_gather_per_shard(lambda s: self.corpus.shard(s).n_genes, shards[order], cells[order]),
+                                 firsts) if len(order) else sizes  # stored (non-zero) tokens: what reading costs
         while b < len(batches):
             # a block of consecutive batches is read and encoded at once (cells are encoded independently,
             # so the result does not depend on the grouping), then laid out batch by batch
@@ -385,7 +381,6 @@ def _cell_slice(encoded: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
 def worker_init_fn(worker_id: int) -> None:
     """Keep each loader worker to one thread (numpy/torch), so workers do not oversubscribe cores."""
     torch.set_num_threads(1)
-    keep_freed_memory()
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

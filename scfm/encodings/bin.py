@@ -344,13 +344,13 @@ class BinEncoding:
         sampled = candidates > room
         keys = purpose_key(np.zeros(n_cells, np.uint64) if cell_seeds is None else cell_seeds, BIN_DRAWS)
         bits = cell_bits(keys, lens)  # output i of the cell's sequence for its i-th non-zero gene
-        # scGPT's tie rule ceil(u·(right − left) + left) with u = hi32 / 2³²: left − ⌊hi32 · (left − right) / 2³²⌋
         chosen = None  # include_zero_genes: the chosen gene-list positions, cell by cell (None: all of them)
         if sampled.any() and self.include_zero_genes:
             chosen = self._sample_positions(keys, room)
         elif sampled.any():  # keep the tokens whose keys are among their cell's ``room`` smallest (token order)
             index = np.flatnonzero(_smallest(bits, lens, room))
             gene_ids, token_run, bits = gene_ids[index], token_run[index], bits[index]
+        # scGPT's tie rule ceil(u·(right − left) + left) with u = hi32 / 2³²: left − ⌊hi32 · (left − right) / 2³²⌋
         bins = (bits >> np.uint64(32)).view(np.int64)
         bins *= (run_left - run_right)[token_run]  # < 2³² · n_bins: no overflow
         bins >>= 32
@@ -387,9 +387,9 @@ class BinEncoding:
         index = np.arange(n_genes, dtype=np.int64)
         parts = []
         for lo in range(0, len(keys), step):
-            rows = len(keys[lo:lo + step])
-            bits = bits_at(keys[lo:lo + step, None], index[None, :]).ravel()
-            parts.append(np.nonzero(_smallest(bits, np.full(rows, n_genes), room).reshape(rows, -1))[1])
+            block = keys[lo:lo + step]
+            bits = bits_at(block[:, None], index[None, :]).ravel()
+            parts.append(np.nonzero(_smallest(bits, np.full(len(block), n_genes), room).reshape(len(block), -1))[1])
         return np.concatenate(parts) if parts else index[:0]
 
     def _with_zero_genes(self, gene_ids, values, bins, lens, kept, chosen):
