@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import operator
 import pickle
 
@@ -13,9 +14,9 @@ from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.data import stream as stream_module
-from scfm.data.batching import Batching, collate
+from scfm.data.batching import Batching, collate_arrays
 from scfm.data.datamodule import CellDataModule, _as_is
-from scfm.data.stream import CellStream, Encoded, compact
+from scfm.data.stream import CellStream, SharedBatches
 from scfm.encodings.continuous import ContinuousEncoding
 from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
@@ -164,53 +165,93 @@ def test_resume_through_stateful_dataloader_with_workers(synthetic_corpus):
 
 
 @pytest.mark.parametrize(("strategy", "encoding"), [("random", "rank"), ("packed", "rank"), ("random", "continuous")])
-def test_compact_transfer_lays_out_the_same_batch(pbmc_corpus, strategy, encoding):
+def test_shared_batches_are_the_batches_they_were_given(pbmc_corpus, strategy, encoding):
     enc = (RankEncoding(max_len=300) if encoding == "rank" else ContinuousEncoding(max_genes=3000)).bind(pbmc_corpus)
     s = CellStream(pbmc_corpus, enc, Batching(strategy=strategy, batch_size=5))
     shards, cells, _, batches = s.plan(0, 0, 1)
     base = np.concatenate([[0], np.cumsum(pbmc_corpus.shard_sizes)])
-    part = s.encode_cells(shards[batches[0]], cells[batches[0]], base, 0)
-    small = compact(part)
-    if encoding == "continuous":  # gene ids repeat one row; most of 3,000 genes are zero in a cell
-        assert small["gene_ids"][0] == "row" and small["token_kind"][0] == "row"
-        assert small["value_mask"][0] == small["values"][0] == "sparse"
-        assert len(pickle.dumps(small)) * 2 < len(pickle.dumps(part))
     layout = "packed" if strategy == "packed" else "padded"
-    got, want = Encoded(small, layout).lay_out(), collate(part, layout)
-    assert set(got.keys()) == set(want.keys())
-    for k in sorted(want.keys()):
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    parts = [collate_arrays(s.encode_cells(shards[b], cells[b], base, 0), layout) for b in batches[:3]]
+    parts[1]["values"] = np.array([[-0.0, np.nan, 1.5]], dtype=np.float32)  # float bits kept; any shape and dtype
+    parts[2]["empty"] = np.zeros((0, 3), dtype=np.int32)
+    message = pickle.loads(pickle.dumps(SharedBatches(parts, worker=1)))
+    assert len(message) == 3 and message.worker == 1
+    for want, got in zip(parts, message.batches()):
+        assert list(got.keys()) == list(want)
+        for k, v in want.items():
+            assert got[k].numpy().dtype == v.dtype and got[k].shape == v.shape, k
+            assert np.array_equal(got[k].numpy().view(np.uint8), np.ascontiguousarray(v).view(np.uint8)), k
 
 
-def test_compact_keeps_float_bits_and_leaves_other_arrays():
-    x = np.zeros(40, dtype=np.float32)
-    x[[1, 9, 10]] = -0.0, 1.5, np.nan  # 3 of 40 non-zero bit patterns: sparse
-    grid = np.arange(80).reshape(40, 2)  # not a flat per-token array: passes through
-    part = {"values": x, "grid": grid, "offsets": np.array([0, 20, 40]), "cell": {"i": np.arange(2)}}
-    small = compact(part)
-    assert small["values"][0] == "sparse" and small["grid"] is grid
-    back = stream_module.expand(small)["values"]
-    assert back.dtype == x.dtype and np.array_equal(back.view(np.uint32), x.view(np.uint32))  # -0.0 and NaN kept
-    rows = compact({"v": np.tile(np.array([0.0, -0.0], np.float32), 3), "offsets": np.array([0, 2, 4, 6])})["v"]
-    assert rows[0] == "row" and np.signbit(rows[1][1])
+def test_buffer_pool_reuses_a_buffer_once_its_batches_are_gone(pbmc_corpus):
+    enc = RankEncoding(max_len=300).bind(pbmc_corpus)
+    s = CellStream(pbmc_corpus, enc, Batching(batch_size=5))
+    shards, cells, _, batches = s.plan(0, 0, 1)
+    base = np.concatenate([[0], np.cumsum(pbmc_corpus.shard_sizes)])
+    parts = [collate_arrays(s.encode_cells(shards[b], cells[b], base, 0), "padded") for b in batches[:2]]
+    in_use = torch.zeros((2, 2), dtype=torch.bool).share_memory_()
+    pool = stream_module.BufferPool(in_use, worker=1)
+    sent = [SharedBatches(parts, 1, pool), SharedBatches(parts[:1], 1, pool)]
+    assert [m.slot for m in sent] == [0, 1] and in_use[1].all() and not in_use[0].any()
+    assert SharedBatches(parts, 1, pool).slot == -1  # no free slot: a buffer of its own
+    received = [pickle.loads(pickle.dumps(m)) for m in sent]  # as the main process gets them
+    held = list(received[0].batches(in_use))
+    del received[0]
+    gc.collect()
+    assert in_use[1, 0]  # its batches are alive
+    ids = held[1]["gene_ids"].clone()
+    del held
+    gc.collect()
+    assert not in_use[1, 0] and in_use[1, 1]
+    again = SharedBatches(parts[1:], 1, pool)
+    assert again.slot == 0 and again.buffer is sent[0].buffer
+    assert torch.equal(next(again.batches())["gene_ids"], ids)
 
 
-@pytest.mark.parametrize("encoding", ["rank", "continuous"])
-def test_datamodule_workers_send_big_batches_compacted(synthetic_corpus, monkeypatch, encoding):
-    """Every batch compacted in a worker (as big batches go) equals the batch laid out in the worker."""
-    monkeypatch.setattr(stream_module, "_COMPACT_TOKENS", 0)  # loader workers are forked: they see the patch
+@pytest.mark.parametrize(("encoding", "hold"), [("rank", True), ("rank", False), ("continuous", False)])
+def test_datamodule_workers_send_blocks_of_the_same_batches(synthetic_corpus, monkeypatch, encoding, hold):
+    """The DataModule's workers send blocks of batches in shared memory; served one by one, they are the batches a
+    worker yields one at a time (interleaved across workers message by message instead of batch by batch), whether
+    the batches are kept (the workers' buffers cannot be reused) or dropped as they come (they are)."""
+    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 2_500)  # several messages per block (forked workers see it)
     make = (lambda: RankEncoding(max_len=64)) if encoding == "rank" else (lambda: ContinuousEncoding(max_genes=64))
     dm = CellDataModule(make(), {"batch_size": 16}, corpus=str(synthetic_corpus.path), val_fraction=0.0,
                         num_workers=2, progress=False)
     dm.setup()
-    got = list(dm.train_dataloader())
+    got = [b if hold else b.clone() for b in dm.train_dataloader()]
     inner = CellStream(synthetic_corpus, make().bind(synthetic_corpus), Batching(batch_size=16), val_fraction=0.0)
     want = list(StatefulDataLoader(inner, batch_size=None, num_workers=2, collate_fn=_as_is))
     assert len(got) == len(want) > 2
+    assert [b["cell_index"].tolist() for b in got] != [b["cell_index"].tolist() for b in want]  # interleaving differs
+    got, want = (sorted(x, key=lambda b: int(b["cell_index"][0])) for x in (got, want))
     for a, b in zip(got, want):
         assert set(a.keys()) == set(b.keys())
         for k in sorted(b.keys()):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stop", [1, 5, 9])
+def test_datamodule_resumes_mid_message_with_workers(synthetic_corpus, monkeypatch, stop):
+    """A checkpoint taken part-way through a worker's message resumes at the next batch of that message."""
+    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 3_500)  # 3 batches of 16 × 64 per message
+
+    def loader(state=None):
+        dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(synthetic_corpus.path),
+                            val_fraction=0.0, num_workers=2, progress=False)
+        dm.setup()
+        dl = dm.train_dataloader()
+        if state is not None:
+            dl.load_state_dict(state)
+        return dl
+
+    full = [b["cell_index"].tolist() for b in loader()]
+    it = iter(dl := loader())
+    first = [next(it)["cell_index"].tolist() for _ in range(stop)]
+    state = dl.state_dict()
+    assert ("scfm_unserved" in state) == (stop != 9)  # (checked for this corpus: batch 9 ends a message)
+    del it, dl
+    rest = [b["cell_index"].tolist() for b in loader(state)]
+    assert first + rest == full
 
 
 def test_resume_rejects_a_different_seed(synthetic_corpus):

@@ -112,8 +112,12 @@ def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDi
     (True = real token). Packed: [1, T], plus ``positions`` [1, T], ``doc_ids`` [1, T], ``cu_seqlens`` [B+1]
     int32. Per-cell arrays pass through as [B].
     """
-    return TensorDict({k: torch.from_numpy(v) for k, v in collate_arrays(encoded, strategy, pad_id).items()},
-                      batch_size=[])
+    return as_batch(collate_arrays(encoded, strategy, pad_id))
+
+
+def as_batch(arrays: dict[str, np.ndarray]) -> TensorDict:
+    """A batch (``TensorDict``) of the given arrays, sharing their memory."""
+    return TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[])
 
 
 def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> dict[str, np.ndarray]:

@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter as _Iter
 
 from scfm.corpus import Corpus
 from scfm.data.batching import Batching
-from scfm.data.stream import CellStream, Encoded, worker_init_fn
+from scfm.data.stream import _POOL, CellStream, SharedBatches, worker_init_fn
 from scfm.errors import ScfmInputError
 
 
@@ -86,10 +88,10 @@ class CellDataModule(L.LightningDataModule):
             self.train_set.set_epoch(epoch)
 
     def _loader(self, dataset: CellStream) -> StatefulDataLoader:
-        dataset.lay_out_in_worker = not self.num_workers  # workers send numpy arrays; laid out here
+        dataset.send_shared = bool(self.num_workers)  # workers send a block of batches per message; split here
         return _Loader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
                        worker_init_fn=worker_init_fn if self.num_workers else None,
-                       persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                       persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
 
     def train_dataloader(self) -> StatefulDataLoader:
         if self.train_set is None:
@@ -107,16 +109,43 @@ class CellDataModule(L.LightningDataModule):
 
 
 class _Loader(StatefulDataLoader):
-    """Lays out the ``Encoded`` batches that loader workers send (see ``scfm.data.stream``)."""
+    """Serves the batches of the ``SharedBatches`` that loader workers send (see ``scfm.data.stream``) one by one.
+
+    The loader's own state is per message: a worker's snapshot counts every batch of its last message as served.
+    ``state_dict`` adds how many of them were not (``scfm_unserved``); on resume that worker serves them again."""
+
+    _unserved: tuple[int, int] | None = None  # (worker, batches) of the message being served
 
     def __iter__(self):
-        return map(_lay_out, super().__iter__())
+        self._unserved = None
+        in_use = None
+        if self.num_workers and isinstance(self.dataset, CellStream):  # the workers' buffer pools (fresh workers)
+            in_use = self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
+        for item in super().__iter__():
+            if not isinstance(item, SharedBatches):
+                yield item
+                continue
+            for i, batch in enumerate(item.batches(in_use)):
+                self._unserved = (item.worker, len(item) - 1 - i)
+                yield batch
+            self._unserved = None
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._unserved is not None and self._unserved[1]:
+            state["scfm_unserved"] = {"worker": self._unserved[0], "batches": self._unserved[1]}
+        return state
 
-def _lay_out(item: Any) -> Any:
-    return item.lay_out() if isinstance(item, Encoded) else item
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        unserved = state.pop("scfm_unserved", None)
+        self.dataset.unserved = {int(unserved["worker"]): int(unserved["batches"])} if unserved else {}
+        if unserved and self.num_workers:  # that worker's message comes first: the loader's round robin resumes
+            snapshot = state[_Iter._SNAPSHOT] = dict(state[_Iter._SNAPSHOT])  # after the last worker it served
+            snapshot[_Iter._LAST_YIELDED_WORKER_ID] = (int(unserved["worker"]) - 1) % self.num_workers
+        super().load_state_dict(state)
 
 
 def _as_is(batch):
-    """``CellStream`` batches need no collation: TensorDicts, or ``Encoded`` arrays that ``_Loader`` lays out."""
+    """``CellStream`` batches need no collation: TensorDicts, or ``SharedBatches`` that ``_Loader`` splits."""
     return batch

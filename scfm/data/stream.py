@@ -15,9 +15,11 @@ replays the plan and skips the served batches without reading them, then continu
 from __future__ import annotations
 
 import ctypes
+import itertools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,67 +27,85 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scfm.corpus import Corpus
-from scfm.data.batching import Batching, collate
+from scfm.data.batching import Batching, as_batch, collate_arrays
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
 _BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells, ~60 MB of arrays).
 # Encodings are vectorised over a block: ~100 numpy calls of fixed cost per block, amortised over its cells.
-_COMPACT_TOKENS = 1 << 16  # bigger batches leave a loader worker compacted (``compact``)
+_MESSAGE_SLOTS = 1 << 19  # a loader worker sends a block's batches in messages of up to this many laid-out tokens
+# (~16 MB: ~30 bytes per token)
 
 
-class Encoded(NamedTuple):
-    """A batch as encoded numpy arrays, laid out by ``lay_out()`` in the process that consumes it. A loader
-    worker sends these rather than tensors: numpy arrays are pickled through the worker's pipe, while every
-    torch tensor costs a shared-memory file-descriptor hand-over (a socket connection, ~0.5 ms each). Big
-    batches travel compacted (``compact``): e.g. 12 cells × 19,266 tokens of ``encoding=continuous``, ~3.5 MB
-    as flat arrays (~8 MB laid out), cross as ~0.3 MB."""
-
-    arrays: dict[str, Any]
-    strategy: str
-
-    def lay_out(self) -> Any:
-        return collate(expand(self.arrays), self.strategy)
+_POOL = 6  # shared-memory buffers per loader worker, reused once the main process has dropped their batches
 
 
-def compact(encoded: dict[str, Any]) -> dict[str, Any]:
-    """Per-token arrays in a smaller form for the trip between processes: when every cell has the same length and
-    the array repeats one row (gene ids, token kinds), ``("row", row, n_cells)``; when at most 1/8 of its entries
-    are non-zero, ``("sparse", size, index, values)`` (booleans: ``values`` is the dtype); otherwise as is.
-    ``expand`` undoes it exactly."""
-    offsets = encoded["offsets"]
-    lengths = np.diff(offsets)
-    n, total = len(lengths), int(offsets[-1])
-    width = int(lengths[0]) if n and (lengths == lengths[0]).all() else 0
-    out: dict[str, Any] = {}
-    for key, a in encoded.items():
-        if key in ("offsets", "cell") or not isinstance(a, np.ndarray) or a.ndim != 1 or len(a) != total or not total:
-            out[key] = a
-            continue
-        exact = a.view(f"u{a.itemsize}") if a.dtype.kind == "f" else a  # floats by their bits: -0.0, NaN kept
-        if width and n > 1 and (exact.reshape(n, width) == exact[:width]).all():
-            out[key] = ("row", a[:width].copy(), n)
-        else:
-            index = np.flatnonzero(exact)
-            values = a.dtype if a.dtype == np.bool_ else a[index]  # booleans: the index says it all
-            out[key] = ("sparse", total, index.astype(np.int32 if total < 2**31 else np.int64), values) \
-                if len(index) * 8 <= total else a
-    return out
+class BufferPool:
+    """A loader worker's shared-memory buffers, reused rather than allocated per message: a fresh buffer costs a page
+    fault per 4 KB page written (~2 µs each; ~0.25 ms per batch of ``encoding=bin``) and a file to create.
+
+    ``in_use[worker, slot]`` lies in memory shared with the main process: the worker sets it when it sends a buffer,
+    the main process clears it once every batch cut from that buffer is garbage collected (``SharedBatches.batches``).
+    When no slot is free (e.g. the training loop keeps batches), a message gets a buffer of its own."""
+
+    def __init__(self, in_use: torch.Tensor, worker: int) -> None:
+        self.flags = in_use[worker].numpy()
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.flags)
+
+    def take(self, size: int) -> tuple[torch.Tensor, int]:
+        """A buffer of at least ``size`` bytes and its slot (-1: not pooled)."""
+        free = np.flatnonzero(~self.flags)
+        if not len(free):
+            return _shared_buffer(size), -1
+        slot = int(free[0])
+        if self.buffers[slot] is None or self.buffers[slot].numel() < size:
+            self.buffers[slot] = _shared_buffer(size + size // 4)  # room for somewhat bigger messages
+        self.flags[slot] = True
+        return self.buffers[slot], slot
 
 
-def expand(arrays: dict[str, Any]) -> dict[str, Any]:
-    """The arrays ``compact`` was given."""
-    out = {}
-    for key, a in arrays.items():
-        if isinstance(a, tuple) and a[0] == "row":
-            out[key] = np.tile(a[1], a[2])
-        elif isinstance(a, tuple) and a[0] == "sparse":
-            values = a[3]
-            full = out[key] = np.zeros(a[1], dtype=values if isinstance(values, np.dtype) else values.dtype)
-            full[a[2]] = True if isinstance(values, np.dtype) else values
-        else:
-            out[key] = a
-    return out
+def _shared_buffer(size: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
+
+
+def _release(in_use: torch.Tensor, worker: int, slot: int) -> None:
+    in_use[worker, slot] = False
+
+
+class SharedBatches:
+    """Consecutive batches of one loader worker, laid out in one shared-memory buffer.
+
+    A worker sends one of these per block (or per ``_MESSAGE_SLOTS`` of it) instead of one batch at a time: one
+    file-descriptor hand-over (~0.5 ms) and one round of the loader's per-item bookkeeping (~0.3 ms) serve ~10
+    batches, and the main process copies nothing: ``batches()`` cuts tensor views out of the buffer."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]], worker: int, pool: BufferPool | None = None) -> None:
+        self.specs: list[list[tuple[str, str, tuple[int, ...], int, int]]] = []  # (key, dtype, shape, start, end)
+        size = 0
+        for arrays in batches:
+            spec = []
+            for key, a in arrays.items():
+                spec.append((key, a.dtype.str, a.shape, size, size + a.nbytes))
+                size += -(-a.nbytes // 64) * 64  # 64-byte aligned
+            self.specs.append(spec)
+        self.buffer, self.slot = pool.take(size) if pool is not None else (_shared_buffer(size), -1)
+        flat = self.buffer.numpy()
+        for arrays, spec in zip(batches, self.specs):
+            for (_, dtype, shape, start, end), a in zip(spec, arrays.values()):
+                flat[start:end].view(dtype).reshape(shape)[...] = a
+        self.worker = worker
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def batches(self, in_use: torch.Tensor | None = None) -> Iterator[Any]:
+        """The batches (``TensorDict``), as views of the buffer; with ``in_use`` (the pool's flags), the buffer's slot
+        is released when the last of them is garbage collected."""
+        flat = self.buffer.numpy()
+        if in_use is not None and self.slot >= 0:
+            weakref.finalize(flat, _release, in_use, self.worker, self.slot)  # every view's base is ``flat``
+        for spec in self.specs:
+            yield as_batch({key: flat[start:end].view(dtype).reshape(shape) for key, dtype, shape, start, end in spec})
 
 
 CONDITIONS = ("cell_type", "batch", "perturbation", "modality")
@@ -113,7 +133,9 @@ class CellStream(IterableDataset):
         self.chunk_cells, self.buffer_cells = chunk_cells, buffer_cells
         self.world_size, self.rank = world_size, rank
         self.num_workers = 0  # set by the DataModule; used only by __len__
-        self.lay_out_in_worker = True  # False: loader workers yield ``Encoded`` (the DataModule lays them out)
+        self.send_shared = False  # True: loader workers yield ``SharedBatches`` (the DataModule's loader splits them)
+        self.unserved: dict[int, int] = {}  # set by that loader on resume: per worker, batches to serve again
+        self.in_use: torch.Tensor | None = None  # set by that loader: the flags of the workers' ``BufferPool`` s
         self.epoch = 0
         self._served = 0  # batches served in the current epoch by this consumer
         self._skip = 0  # batches to skip on the next iteration (set by load_state_dict)
@@ -184,6 +206,9 @@ class CellStream(IterableDataset):
             raise ScfmInputError(f"resuming a stream with seed {self.seed} from a state with seed {state['seed']}",
                                  fix="resume with the same data.seed as the checkpointed run")
         self.epoch, self._skip = int(state["epoch"]), int(state["batches"])
+        worker = get_worker_info()
+        if worker is not None:  # a loader worker: batches of its last message the main process had not served
+            self._skip -= self.unserved.get(worker.id, 0)
 
     # -- plan ------------------------------------------------------------------------------------
     def members(self, shard: int) -> np.ndarray:
@@ -291,36 +316,44 @@ class CellStream(IterableDataset):
         shards, cells, cell_lengths, batches = self.plan(epoch, consumer, n_consumers)
         base = np.concatenate([[0], np.cumsum(self.corpus.shard_sizes)])
         strategy = "packed" if self.batching.strategy == "packed" else "padded"
-        b = self._served = min(skip, len(batches))
-        send_arrays = get_worker_info() is not None and not self.lay_out_in_worker
+        self._served = min(skip, len(batches))
+        worker = get_worker_info()
+        shared = worker is not None and self.send_shared
+        pool = BufferPool(self.in_use, worker.id) if shared and self.in_use is not None else None
         sizes = np.array([len(x) for x in batches], dtype=np.int64)
         order = np.concatenate(batches) if batches else np.zeros(0, np.int64)
         firsts = np.cumsum(sizes) - sizes
         tokens = np.add.reduceat(cell_lengths[order], firsts) if len(order) else sizes
         stored = np.add.reduceat(_gather_per_shard(lambda s: self.corpus.shard(s).n_genes, shards[order], cells[order]),
                                  firsts) if len(order) else sizes  # stored (non-zero) tokens: what reading costs
-        while b < len(batches):
-            # a block of consecutive batches is read and encoded at once (cells are encoded independently,
-            # so the result does not depend on the grouping), then laid out batch by batch
-            end, n, m = b + 1, tokens[b], stored[b]
-            while end < len(batches) and n + tokens[end] <= _BLOCK_ENCODED and m + stored[end] <= _BLOCK_TOKENS:
-                n += tokens[end]
-                m += stored[end]
-                end += 1
-            block = np.concatenate(batches[b:end])
+        slots = tokens if strategy == "packed" or not len(order) else \
+            sizes * np.maximum.reduceat(cell_lengths[order], firsts)  # laid-out tokens, padding included
+        # Blocks of consecutive batches are read and encoded at once (cells are encoded independently, so the result
+        # does not depend on the grouping); a loader worker sends a block's batches in messages. Both are cut from the
+        # plan alone, so a resumed run sends the messages of the uninterrupted one (its first one: the rest of the
+        # message that was being served).
+        blocks = _cut((tokens, _BLOCK_ENCODED), (stored, _BLOCK_TOKENS))
+        for first, end in itertools.pairwise(blocks):
+            if end <= skip:
+                continue
+            b = max(first, skip)
+            block = order[firsts[b]:firsts[end - 1] + sizes[end - 1]]  # the cells of batches b … end - 1
             encoded = self.encode_cells(shards[block], cells[block], base, epoch)
-            lo = 0
+            ends = set((first + _cut((slots[first:end], _MESSAGE_SLOTS))[1:]).tolist())
+            lo, pending = 0, []
             for j in range(b, end):
                 hi = lo + len(batches[j])
-                part = _cell_slice(encoded, lo, hi)
-                if not send_arrays:
-                    loaded = collate(part, strategy)
-                else:
-                    loaded = Encoded(compact(part) if part["offsets"][-1] > _COMPACT_TOKENS else part, strategy)
+                arrays = collate_arrays(_cell_slice(encoded, lo, hi), strategy)
                 lo = hi
-                self._served = j + 1  # count before yielding: the loader snapshots state right after a yield
-                yield loaded
-            b = end
+                if not shared:
+                    self._served = j + 1  # count before yielding: the loader snapshots state right after a yield
+                    yield as_batch(arrays)
+                    continue
+                pending.append(arrays)
+                if j + 1 in ends:
+                    self._served = j + 1
+                    yield SharedBatches(pending, worker.id, pool)
+                    pending = []
 
     def encode_cells(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int) -> dict[str, Any]:
         """Read and encode the given cells (in this order): flat per-token arrays, ``offsets`` and ``cell``."""
@@ -357,6 +390,21 @@ def _epoch_key(seed: int, epoch: int) -> np.uint64:
     """The epoch's 64-bit key, XOR-ed with a cell's global index to make its seed (SeedSequence hashing, ~80 µs:
     once per epoch, not once per block)."""
     return np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+
+
+def _cut(*weights_and_caps: tuple[np.ndarray, int]) -> np.ndarray:
+    """Boundaries of consecutive groups of items, greedily: an item starts a new group when adding it would take any
+    group total over its cap (a single item may exceed it). ``[0, ..., n]``."""
+    bounds, totals = [0], [0] * len(weights_and_caps)
+    columns = [w.tolist() for w, _ in weights_and_caps]
+    caps = [c for _, c in weights_and_caps]
+    for i, item in enumerate(zip(*columns)):
+        if i > bounds[-1] and any(t + x > c for t, x, c in zip(totals, item, caps)):
+            bounds.append(i)
+            totals = [0] * len(caps)
+        totals = [t + x for t, x in zip(totals, item)]
+    n = len(columns[0]) if columns else 0
+    return np.array([*bounds, n] if n else [0], dtype=np.int64)
 
 
 def _gather_per_shard(per_shard: Callable[[int], np.ndarray], shards: np.ndarray, cells: np.ndarray) -> np.ndarray:
