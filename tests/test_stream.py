@@ -6,6 +6,7 @@ import functools
 import gc
 import operator
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -171,12 +172,14 @@ def test_shared_batches_are_the_batches_they_were_given(pbmc_corpus, strategy, e
     shards, cells, _, batches = s.plan(0, 0, 1)
     base = np.concatenate([[0], np.cumsum(pbmc_corpus.shard_sizes)])
     layout = "packed" if strategy == "packed" else "padded"
-    parts = [collate_arrays(s.encode_cells(shards[b], cells[b], base, 0), layout) for b in batches[:3]]
-    parts[1]["values"] = np.array([[-0.0, np.nan, 1.5]], dtype=np.float32)  # float bits kept; any shape and dtype
-    parts[2]["empty"] = np.zeros((0, 3), dtype=np.int32)
-    message = pickle.loads(pickle.dumps(SharedBatches(parts, worker=1)))
+    parts = [s.encode_cells(shards[b], cells[b], base, 0) for b in batches[:3]]
+    parts[1]["extra"] = np.full(int(parts[1]["offsets"][-1]), -0.0, dtype=np.float32)  # float bits kept
+    parts[1]["extra"][:2] = np.nan, 1.5
+    parts[2]["cell"]["empty"] = np.zeros((len(batches[2]), 0), dtype=np.int32)
+    message = pickle.loads(pickle.dumps(SharedBatches(parts, layout, worker=1)))
     assert len(message) == 3 and message.worker == 1
-    for want, got in zip(parts, message.batches()):
+    for part, got in zip(parts, message.batches()):
+        want = collate_arrays(part, layout)
         assert list(got.keys()) == list(want)
         for k, v in want.items():
             assert got[k].numpy().dtype == v.dtype and got[k].shape == v.shape, k
@@ -188,12 +191,12 @@ def test_buffer_pool_reuses_a_buffer_once_its_batches_are_gone(pbmc_corpus):
     s = CellStream(pbmc_corpus, enc, Batching(batch_size=5))
     shards, cells, _, batches = s.plan(0, 0, 1)
     base = np.concatenate([[0], np.cumsum(pbmc_corpus.shard_sizes)])
-    parts = [collate_arrays(s.encode_cells(shards[b], cells[b], base, 0), "padded") for b in batches[:2]]
+    parts = [s.encode_cells(shards[b], cells[b], base, 0) for b in batches[:2]]
     in_use = torch.zeros((2, 2), dtype=torch.bool).share_memory_()
     pool = stream_module.BufferPool(in_use, worker=1)
-    sent = [SharedBatches(parts, 1, pool), SharedBatches(parts[:1], 1, pool)]
+    sent = [SharedBatches(parts, "padded", 1, pool), SharedBatches(parts[:1], "padded", 1, pool)]
     assert [m.slot for m in sent] == [0, 1] and in_use[1].all() and not in_use[0].any()
-    assert SharedBatches(parts, 1, pool).slot == -1  # no free slot: a buffer of its own
+    assert SharedBatches(parts, "padded", 1, pool).slot == -1  # no free slot: a buffer of its own
     received = [pickle.loads(pickle.dumps(m)) for m in sent]  # as the main process gets them
     held = list(received[0].batches(in_use))
     del received[0]
@@ -203,7 +206,7 @@ def test_buffer_pool_reuses_a_buffer_once_its_batches_are_gone(pbmc_corpus):
     del held
     gc.collect()
     assert not in_use[1, 0] and in_use[1, 1]
-    again = SharedBatches(parts[1:], 1, pool)
+    again = SharedBatches(parts[1:], "padded", 1, pool)
     assert again.slot == 0 and again.buffer is sent[0].buffer
     assert torch.equal(next(again.batches())["gene_ids"], ids)
 
@@ -252,6 +255,18 @@ def test_datamodule_resumes_mid_message_with_workers(synthetic_corpus, monkeypat
     del it, dl
     rest = [b["cell_index"].tolist() for b in loader(state)]
     assert first + rest == full
+
+
+def test_small_shared_memory_is_warned_about(tmp_path, monkeypatch):
+    from scfm.data import datamodule
+
+    monkeypatch.setattr(datamodule.shutil, "disk_usage", lambda _: type("U", (), {"free": 10 << 20}))
+    with pytest.warns(UserWarning, match=r"10 MB free.*--shm-size"):
+        datamodule._check_shared_memory(2, str(tmp_path))
+    monkeypatch.setattr(datamodule.shutil, "disk_usage", lambda _: type("U", (), {"free": 1 << 40}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        datamodule._check_shared_memory(2, str(tmp_path))
 
 
 def test_resume_rejects_a_different_seed(synthetic_corpus):

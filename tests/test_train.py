@@ -58,14 +58,20 @@ def test_train_writes_checkpoint_metrics_and_plot(tmp_path, cache_dir):
     assert "val/masked_acc" in result["metrics"] or "train/masked_acc" in result["metrics"]
 
 
-@pytest.mark.parametrize("batching", ["length_grouped", "packed"])
-def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, cache_dir, batching):
+@pytest.mark.parametrize(("batching", "workers"), [("length_grouped", 0), ("packed", 0), ("length_grouped", 2)])
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, cache_dir, batching, workers):
+    """With loader workers, step 4 falls inside a worker's message (~25 batches): the resumed run serves the rest of
+    it first."""
     full, part = tmp_path / "full", tmp_path / "part"
-    train(config(full, "trainer.max_steps=8", f"batching={batching}", "logger=csv"))
-    train(config(part, "trainer.max_steps=4", f"batching={batching}", "checkpoint_every_n_steps=4"))
+    common = (f"batching={batching}", f"data.num_workers={workers}")
+    train(config(full, "trainer.max_steps=8", *common, "logger=csv"))
+    train(config(part, "trainer.max_steps=4", *common, "checkpoint_every_n_steps=4"))
     shutil.copy(part / "checkpoints" / "last.ckpt", tmp_path / "step4.ckpt")
+    if workers:
+        ckpt = torch.load(tmp_path / "step4.ckpt", weights_only=False)
+        assert "scfm_unserved" in ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     resumed = tmp_path / "resumed"
-    train(config(resumed, "trainer.max_steps=8", f"batching={batching}", f"resume={tmp_path / 'step4.ckpt'}"))
+    train(config(resumed, "trainer.max_steps=8", *common, f"resume={tmp_path / 'step4.ckpt'}"))
     a, b = losses(full), losses(resumed)
     assert list(b.index) == [4, 5, 6, 7]
     torch.testing.assert_close(torch.tensor(b.values), torch.tensor(a.loc[b.index].values), rtol=0, atol=1e-6)

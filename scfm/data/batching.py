@@ -120,43 +120,65 @@ def as_batch(arrays: dict[str, np.ndarray]) -> TensorDict:
     return TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[])
 
 
-def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors)."""
+def batch_layout(encoded: dict[str, Any], strategy: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Key → (shape, dtype) of each array ``collate_arrays`` lays out, in the batch's key order."""
     offsets = np.asarray(encoded["offsets"])
-    lengths = offsets[1:] - offsets[:-1]
-    n = len(lengths)
-    total = int(offsets[-1])
+    n, total = len(offsets) - 1, int(offsets[-1])
     token_keys = [k for k in encoded if k not in ("offsets", "cell")]
     for k in token_keys:
         if len(encoded[k]) != total:
             raise ValueError(f"encoding output {k!r} has {len(encoded[k])} entries for {total} tokens")
-    out: dict[str, np.ndarray] = {}
+    grid = (1, total) if strategy == "packed" else (n, int((offsets[1:] - offsets[:-1]).max()) if n else 0)
+    layout = {k: (grid, np.dtype(_dtype(encoded[k]))) for k in token_keys}
+    layout["positions"] = (grid, np.dtype(np.int64))
     if strategy == "packed":
-        positions = np.arange(total) - np.repeat(offsets[:-1], lengths)
-        for k in token_keys:
-            out[k] = np.ascontiguousarray(encoded[k], dtype=_dtype(encoded[k]))[None]
-        out["positions"] = positions[None]
-        out["doc_ids"] = np.repeat(np.arange(n), lengths)[None]
-        out["cu_seqlens"] = offsets.astype(np.int32)
+        layout["doc_ids"] = (grid, np.dtype(np.int64))
+        layout["cu_seqlens"] = ((n + 1,), np.dtype(np.int32))
     else:
-        width = int(lengths.max()) if n else 0
+        layout["padding_mask"] = (grid, np.dtype(np.bool_))
+    layout["lengths"] = ((n,), np.dtype(np.int64))
+    for k, v in encoded.get("cell", {}).items():
+        layout[k] = (np.shape(v), np.asarray(v).dtype)
+    return layout
+
+
+def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
+                   out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors). ``out``: arrays
+    of ``batch_layout`` to write into (e.g. views of a shared-memory buffer), instead of new ones."""
+    if out is None:
+        out = {k: np.empty(shape, dtype) for k, (shape, dtype) in batch_layout(encoded, strategy).items()}
+    offsets = np.asarray(encoded["offsets"])
+    lengths = offsets[1:] - offsets[:-1]
+    n = len(lengths)
+    token_keys = [k for k in encoded if k not in ("offsets", "cell")]
+    if strategy == "packed":
+        for k in token_keys:
+            out[k][0] = encoded[k]
+        positions = out["positions"][0]
+        positions[:] = np.arange(len(positions))
+        positions -= np.repeat(offsets[:-1], lengths)
+        out["doc_ids"][0] = np.repeat(np.arange(n), lengths)
+        out["cu_seqlens"][:] = offsets
+    else:
+        width = out["positions"].shape[1]
         cols = np.arange(width)
-        mask = cols < lengths[:, None]  # [B, L], row-major order = the cells' flat order
+        mask = out["padding_mask"]  # [B, L], row-major order = the cells' flat order
+        np.less(cols, lengths[:, None], out=mask)
         full = n > 0 and bool((lengths == width).all())  # e.g. encoding=continuous: nothing to pad
         for k in token_keys:
             if full:
-                grid = np.ascontiguousarray(encoded[k], dtype=_dtype(encoded[k])).reshape(n, width)
+                out[k].reshape(-1)[:] = encoded[k]
             else:
-                pad = pad_id if k == "gene_ids" else 0
-                dtype = _dtype(encoded[k])
-                grid = np.full((n, width), pad, dtype=dtype) if pad else np.zeros((n, width), dtype=dtype)
-                grid[mask] = encoded[k]
-            out[k] = grid
-        out["positions"] = np.broadcast_to(cols, (n, width)).copy() if full else cols * mask
-        out["padding_mask"] = mask
-    out["lengths"] = lengths.astype(np.int64, copy=False)
+                out[k].fill(pad_id if k == "gene_ids" else 0)
+                out[k][mask] = encoded[k]
+        if full:
+            out["positions"][:] = cols
+        else:
+            np.multiply(cols, mask, out=out["positions"])
+    out["lengths"][:] = lengths
     for k, v in encoded.get("cell", {}).items():
-        out[k] = np.asarray(v)
+        out[k][...] = v
     return out
 
 

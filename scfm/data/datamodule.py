@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProc
 
 from scfm.corpus import Corpus
 from scfm.data.batching import Batching
-from scfm.data.stream import _POOL, CellStream, SharedBatches, worker_init_fn
+from scfm.data.stream import _MESSAGE_SLOTS, _POOL, CellStream, SharedBatches, worker_init_fn
 from scfm.errors import ScfmInputError
 
 
@@ -121,6 +124,7 @@ class _Loader(StatefulDataLoader):
         in_use = None
         if self.num_workers and isinstance(self.dataset, CellStream):  # the workers' buffer pools (fresh workers)
             in_use = self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
+            _check_shared_memory(self.num_workers)
         for item in super().__iter__():
             if not isinstance(item, SharedBatches):
                 yield item
@@ -144,6 +148,17 @@ class _Loader(StatefulDataLoader):
             snapshot = state[_Iter._SNAPSHOT] = dict(state[_Iter._SNAPSHOT])  # after the last worker it served
             snapshot[_Iter._LAST_YIELDED_WORKER_ID] = (int(unserved["worker"]) - 1) % self.num_workers
         super().load_state_dict(state)
+
+
+def _check_shared_memory(num_workers: int, folder: str = "/dev/shm") -> None:
+    """Warn when the shared-memory file system looks too small for the workers' buffers (about 3 of up to
+    ``_MESSAGE_SLOTS`` laid-out tokens each per worker, ~30 bytes a token): a worker that runs out dies of SIGBUS."""
+    need = num_workers * 3 * _MESSAGE_SLOTS * 32
+    if os.path.isdir(folder) and (free := shutil.disk_usage(folder).free) < need:
+        warnings.warn(f"{folder} has {free / 2**20:.0f} MB free; {num_workers} loader worker(s) may need up to "
+                      f"~{need / 2**20:.0f} MB of shared memory for their batches, and a worker that runs out dies "
+                      f"with 'Bus error'. Fix: give the container more (docker run --shm-size=1g) or lower "
+                      f"data.num_workers", stacklevel=3)
 
 
 def _as_is(batch):

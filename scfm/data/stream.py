@@ -10,12 +10,18 @@ Order of an epoch, a pure function of (seed, epoch, rank, worker):
 
 Because the plan needs only lengths, ``state_dict`` is just (epoch, batches served): a resumed run
 replays the plan and skips the served batches without reading them, then continues at the exact cell.
+
+Hand-over: consecutive batches are read and encoded as one block. In one process they are yielded one by one;
+a loader worker of the DataModule lays a block's batches out in one shared-memory buffer (``SharedBatches``,
+from a reused ``BufferPool``) and sends it as one message, which the DataModule's loader serves batch by batch.
+Across workers, batches then interleave message by message.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
@@ -27,7 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scfm.corpus import Corpus
-from scfm.data.batching import Batching, as_batch, collate_arrays
+from scfm.data.batching import Batching, as_batch, batch_layout, collate, collate_arrays
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
@@ -79,20 +85,20 @@ class SharedBatches:
     file-descriptor hand-over (~0.5 ms) and one round of the loader's per-item bookkeeping (~0.3 ms) serve ~10
     batches, and the main process copies nothing: ``batches()`` cuts tensor views out of the buffer."""
 
-    def __init__(self, batches: list[dict[str, np.ndarray]], worker: int, pool: BufferPool | None = None) -> None:
+    def __init__(self, parts: list[dict[str, Any]], strategy: str, worker: int, pool: BufferPool | None = None) -> None:
+        """Lay out each encoded part (``collate_arrays``) straight into the buffer."""
         self.specs: list[list[tuple[str, str, tuple[int, ...], int, int]]] = []  # (key, dtype, shape, start, end)
         size = 0
-        for arrays in batches:
+        for part in parts:
             spec = []
-            for key, a in arrays.items():
-                spec.append((key, a.dtype.str, a.shape, size, size + a.nbytes))
-                size += -(-a.nbytes // 64) * 64  # 64-byte aligned
+            for key, (shape, dtype) in batch_layout(part, strategy).items():
+                nbytes = math.prod(shape) * dtype.itemsize
+                spec.append((key, dtype.str, shape, size, size + nbytes))
+                size += -(-nbytes // 64) * 64  # 64-byte aligned
             self.specs.append(spec)
         self.buffer, self.slot = pool.take(size) if pool is not None else (_shared_buffer(size), -1)
-        flat = self.buffer.numpy()
-        for arrays, spec in zip(batches, self.specs):
-            for (_, dtype, shape, start, end), a in zip(spec, arrays.values()):
-                flat[start:end].view(dtype).reshape(shape)[...] = a
+        for part, views in zip(parts, self._views()):
+            collate_arrays(part, strategy, out=views)
         self.worker = worker
 
     def __len__(self) -> int:
@@ -101,11 +107,15 @@ class SharedBatches:
     def batches(self, in_use: torch.Tensor | None = None) -> Iterator[Any]:
         """The batches (``TensorDict``), as views of the buffer; with ``in_use`` (the pool's flags), the buffer's slot
         is released when the last of them is garbage collected."""
+        for views in self._views(in_use):
+            yield as_batch(views)
+
+    def _views(self, in_use: torch.Tensor | None = None) -> Iterator[dict[str, np.ndarray]]:
         flat = self.buffer.numpy()
         if in_use is not None and self.slot >= 0:
             weakref.finalize(flat, _release, in_use, self.worker, self.slot)  # every view's base is ``flat``
         for spec in self.specs:
-            yield as_batch({key: flat[start:end].view(dtype).reshape(shape) for key, dtype, shape, start, end in spec})
+            yield {key: flat[start:end].view(dtype).reshape(shape) for key, dtype, shape, start, end in spec}
 
 
 CONDITIONS = ("cell_type", "batch", "perturbation", "modality")
@@ -343,16 +353,16 @@ class CellStream(IterableDataset):
             lo, pending = 0, []
             for j in range(b, end):
                 hi = lo + len(batches[j])
-                arrays = collate_arrays(_cell_slice(encoded, lo, hi), strategy)
+                part = _cell_slice(encoded, lo, hi)
                 lo = hi
                 if not shared:
                     self._served = j + 1  # count before yielding: the loader snapshots state right after a yield
-                    yield as_batch(arrays)
+                    yield collate(part, strategy)
                     continue
-                pending.append(arrays)
+                pending.append(part)
                 if j + 1 in ends:
                     self._served = j + 1
-                    yield SharedBatches(pending, worker.id, pool)
+                    yield SharedBatches(pending, strategy, worker.id, pool)
                     pending = []
 
     def encode_cells(self, shards: np.ndarray, cells: np.ndarray, base: np.ndarray, epoch: int) -> dict[str, Any]:
