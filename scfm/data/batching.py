@@ -146,6 +146,7 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors). ``out``: arrays
     of ``batch_layout`` to write into (e.g. views of a shared-memory buffer), instead of new ones."""
+    fresh = out is None
     if out is None:
         out = {k: np.empty(shape, dtype) for k, (shape, dtype) in batch_layout(encoded, strategy).items()}
     offsets = np.asarray(encoded["offsets"])
@@ -167,7 +168,9 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
         np.less(cols, lengths[:, None], out=mask)
         full = n > 0 and bool((lengths == width).all())  # e.g. encoding=continuous: nothing to pad
         for k in token_keys:
-            if full:
+            if full and fresh:  # no copy when the encoding's array has the batch's dtype
+                out[k] = np.ascontiguousarray(encoded[k], dtype=out[k].dtype).reshape(n, width)
+            elif full:
                 out[k].reshape(-1)[:] = encoded[k]
             else:
                 out[k].fill(pad_id if k == "gene_ids" else 0)
