@@ -40,9 +40,9 @@ runs of equal values come from a (cell, count) table — a dense range of small 
 on the count), ``np.unique`` for the few larger ones — and tokens are never sorted. numpy's
 ``quantile`` is repeated for each cell's n_bins − 1 edges with the same float64 operations (its rounding
 artifacts included); an edge lies between two neighbouring order statistics a <= edge <= b and is compared
-with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The draws of the whole block
-are one hash pass; sampling is one ``np.partition`` over a [cells, longest] table of keys, which sets a keep-mask
-over the tokens (ascending order without a sort).
+with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The draws and the sampling are
+one compiled (numba) pass per cell, ``_draws``: each output is made, its low half goes to an exact radix select of
+the ``max_len − 1`` smallest keys, the high half of the kept ones is returned (ascending token order, no sort).
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numba
 import numpy as np
 
-from scfm.encodings.rng import bits_at, cell_bits, purpose_key
+from scfm.encodings.rng import GOLDEN, purpose_key
 from scfm.errors import ScfmInputError
 
 NORMALIZE_BY = ("vocab", "all_genes")
@@ -216,39 +217,87 @@ def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
     return run_value[token_run], left[token_run], right[token_run]
 
 
+@numba.njit(cache=True, nogil=True)
+def _kth_of_cell(low: np.ndarray, k: int, hist: np.ndarray) -> tuple[int, int]:
+    """For ``len(low) > k`` 32-bit keys: (the k-th smallest, how many keys equal to it are kept), exactly. Radix select:
+    a histogram of the top 12 bits finds the bucket holding it (~1 key for a cell of 4,000), which is sorted."""
+    hist[:] = 0
+    for v in low:
+        hist[v >> 20] += 1
+    below, b = 0, 0
+    while below + hist[b] < k:
+        below += hist[b]
+        b += 1
+    bucket = np.empty(hist[b], dtype=np.uint32)
+    j = 0
+    for v in low:
+        if v >> 20 == b:
+            bucket[j] = v
+            j += 1
+    bucket.sort()
+    kth = bucket[k - below - 1]
+    less = below
+    for v in bucket:
+        if v < kth:
+            less += 1
+    return kth, k - less
+
+
+@numba.njit(cache=True, nogil=True)
 def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     """Sampling: whether each candidate is among its cell's ``k`` with the smallest keys, where candidate j's key is
     (low 32 bits of its output, j): ties of the 32-bit part go to the lower position. ``bits`` flat, cell by cell;
     cells of at most ``k`` candidates keep all."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    sampled = lengths > k
-    if sampled.all():
-        return _smallest_of_long_cells(bits, lengths, k)
-    keep = np.ones(len(bits), dtype=bool)
-    if sampled.any():  # only cells longer than k go into the table: at most total / (k + 1) rows
-        tokens = np.repeat(sampled, lengths)
-        keep[tokens] = _smallest_of_long_cells(bits[tokens], lengths[sampled], k)
+    keep = np.ones(len(bits), dtype=np.bool_)
+    hist = np.empty(4096, dtype=np.int64)
+    start = 0
+    for n in lengths:
+        if n > k:
+            low = (bits[start:start + n] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+            kth, ties = _kth_of_cell(low, k, hist)
+            for i in range(n):
+                keep[start + i] = low[i] < kth or (low[i] == kth and ties > 0)
+                if low[i] == kth and ties > 0:
+                    ties -= 1
+        start += n
     return keep
 
 
-def _smallest_of_long_cells(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
-    """``_smallest`` for cells all longer than ``k``: one ``np.partition`` of the 32-bit parts over a padded
-    [cells, longest] table."""
-    width = int(lengths.max())
-    low = bits.astype(np.uint32)  # the low 32 bits
-    table = np.full((len(lengths), width), np.iinfo(np.uint32).max, dtype=np.uint32)
-    table[np.arange(width) < lengths[:, None]] = low
-    kth = np.repeat(np.partition(table, k - 1, axis=1)[:, k - 1], lengths)
-    keep = low <= kth
-    starts = np.cumsum(lengths) - lengths
-    over = np.add.reduceat(keep, starts) > k  # the k-th key is tied
-    if over.any():  # keep only the lowest-position ties
-        tied = keep & (low == kth)
-        before = np.cumsum(tied) - tied  # ties earlier in the block
-        rank = before - np.repeat(before[starts], lengths) + 1  # 1-based among the cell's ties
-        room = k - np.add.reduceat(keep & ~tied, starts)
-        keep &= ~tied | (rank <= np.repeat(room, lengths))
-    return keep
+@numba.njit(cache=True, nogil=True)
+def _draws(keys: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_smallest`` fused with the draws: each cell's SplitMix64 outputs from ``keys[c]`` (``rng.cell_bits``) are
+    made here, one at a time. Returns the kept candidates (flat positions, ascending) and the high 32 bits of their
+    outputs (the tie uniforms)."""
+    total = 0
+    for n in lengths:
+        total += min(n, k)
+    index = np.empty(total, dtype=np.int64)
+    high = np.empty(total, dtype=np.int64)
+    longest = lengths.max() if len(lengths) else 0
+    low = np.empty(longest, dtype=np.uint32)
+    top = np.empty(longest, dtype=np.uint32)
+    hist = np.empty(4096, dtype=np.int64)
+    start = out = 0
+    for c in range(len(lengths)):
+        n = lengths[c]
+        z = keys[c]
+        for i in range(n):  # output i = mix64(key + (i + 1)·GOLDEN), as rng.mix64
+            z += np.uint64(GOLDEN)
+            x = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(31)
+            low[i] = np.uint32(x & np.uint64(0xFFFFFFFF))
+            top[i] = np.uint32(x >> np.uint64(32))
+        kth, ties = (np.uint32(0xFFFFFFFF), n) if n <= k else _kth_of_cell(low[:n], k, hist)
+        for i in range(n):
+            if low[i] < kth or (low[i] == kth and ties > 0):
+                if low[i] == kth:
+                    ties -= 1
+                index[out] = start + i
+                high[out] = top[i]
+                out += 1
+        start += n
+    return index, high
 
 
 @dataclass
@@ -343,15 +392,15 @@ class BinEncoding:
         room = self.max_genes
         sampled = candidates > room
         keys = purpose_key(np.zeros(n_cells, np.uint64) if cell_seeds is None else cell_seeds, BIN_DRAWS)
-        bits = cell_bits(keys, lens)  # output i of the cell's sequence for its i-th non-zero gene
         chosen = None  # include_zero_genes: the chosen gene-list positions, cell by cell (None: all of them)
         if sampled.any() and self.include_zero_genes:
             chosen = self._sample_positions(keys, room)
-        elif sampled.any():  # keep the tokens whose keys are among their cell's ``room`` smallest (token order)
-            index = np.flatnonzero(_smallest(bits, lens, room))
-            gene_ids, token_run, bits = gene_ids[index], token_run[index], bits[index]
+        # output i of the cell's sequence for its i-th non-zero gene; without include_zero_genes, keep the tokens whose
+        # keys are among their cell's ``room`` smallest (token order)
+        index, bins = _draws(keys, lens, len(gene_ids) if self.include_zero_genes else room)
+        if len(index) < len(gene_ids):
+            gene_ids, token_run = gene_ids[index], token_run[index]
         # scGPT's tie rule ceil(u·(right − left) + left) with u = hi32 / 2³²: left − ⌊hi32 · (left − right) / 2³²⌋
-        bins = (bits >> np.uint64(32)).view(np.int64)
         bins *= (run_left - run_right)[token_run]  # < 2³² · n_bins: no overflow
         bins >>= 32
         np.subtract(run_left[token_run], bins, out=bins)
@@ -383,14 +432,8 @@ class BinEncoding:
         """include_zero_genes: each cell's ``room`` gene-list positions j with the smallest sampling keys (output j of
         its sequence), ascending, concatenated cell by cell."""
         n_genes = len(self.gene_tokens)
-        step = max(1, (1 << 21) // n_genes)  # cells per [cells, genes] key table of <= 2M entries
-        index = np.arange(n_genes, dtype=np.int64)
-        parts = []
-        for lo in range(0, len(keys), step):
-            block = keys[lo:lo + step]
-            bits = bits_at(block[:, None], index[None, :]).ravel()
-            parts.append(np.nonzero(_smallest(bits, np.full(len(block), n_genes), room).reshape(len(block), -1))[1])
-        return np.concatenate(parts) if parts else index[:0]
+        index, _ = _draws(keys, np.full(len(keys), n_genes, dtype=np.int64), room)
+        return index % n_genes if n_genes else index
 
     def _with_zero_genes(self, gene_ids, values, bins, lens, kept, chosen):
         """Candidates = every gene token (a contiguous range after the specials); the chosen ones (gene-list
