@@ -94,6 +94,21 @@ def test_matches_scgpt_on_pbmc_cells(pbmc_corpus, kw):
     assert sampled > 0
 
 
+@pytest.mark.parametrize("include_zero", [False, True])
+def test_without_cls_the_cells_are_the_same_minus_their_first_token(pbmc_corpus, include_zero):
+    cells = list(_cells(pbmc_corpus, 30, start=5))
+    seeds = np.arange(30, dtype=np.uint64)
+    with_cls = BinEncoding(max_len=301, include_zero_genes=include_zero).bind(pbmc_corpus)  # both: 300 genes
+    without = BinEncoding(max_len=300, include_zero_genes=include_zero, append_cls=False).bind(pbmc_corpus)
+    a_out, b_out = (enc.encode(*_block(cells), cell_seeds=seeds) for enc in (with_cls, without))
+    for key in ("gene_ids", "values_bin", "values"):
+        assert a_out[key].dtype == b_out[key].dtype
+    for i in range(len(cells)):
+        for a, b in zip(_cell(a_out, i), _cell(b_out, i)):
+            np.testing.assert_array_equal(a[1:], b)
+        assert _cell(a_out, i)[0][0] == with_cls.cls_id
+
+
 def test_bin_bounds_repeat_numpys_rounding():
     """(n-1)·q is 4.999… for n=8, q=35/49: numpy's edge lands just below the 6th value, not on it."""
     counts = np.arange(1, 9)

@@ -300,6 +300,39 @@ def _draws(keys: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, n
     return index, high
 
 
+@numba.njit(cache=True, nogil=True)
+def _kept_tokens(index: np.ndarray, high: np.ndarray, kept: np.ndarray, gene_ids: np.ndarray, token_run: np.ndarray,
+                 run_left: np.ndarray, run_right: np.ndarray, run_value: np.ndarray, head: int, cls_id: int,
+                 cls_value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The encoded tokens, flat: ``kept[c]`` tokens per cell (``index``: their positions; ``high``: the high halves of
+    their draws), each cell led by ``<cls>`` (id ``cls_id``, bin 0, ``cls_value``) when ``head``. scGPT's tie rule
+    ``ceil(u·(right − left) + left)`` with ``u = high / 2³²`` is ``left − ⌊high · (left − right) / 2³²⌋``."""
+    n = len(index) + head * len(kept)
+    genes, bins, values = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float32)
+    o = k = 0
+    for c in range(len(kept)):
+        if head:
+            genes[o], bins[o], values[o] = cls_id, 0, cls_value
+            o += 1
+        for _ in range(kept[c]):
+            t = index[k]
+            r = token_run[t]
+            left = run_left[r]
+            genes[o] = gene_ids[t]
+            bins[o] = left - ((high[k] * (left - run_right[r])) >> 32)  # < 2³² · n_bins: no overflow
+            values[o] = run_value[r]
+            o += 1
+            k += 1
+    return genes, bins, values
+
+
+def _insert_at(body: np.ndarray, at: np.ndarray, value, part: np.ndarray) -> np.ndarray:
+    out = np.empty(len(body), dtype=part.dtype)
+    out[at] = value
+    out[body] = part
+    return out
+
+
 @dataclass
 class BinEncoding:
     """Encoding ``bin`` (scGPT): ``<cls>`` + genes with ``values_bin`` (0 … n_bins−1) and ``values`` (log1p)."""
@@ -397,36 +430,23 @@ class BinEncoding:
             chosen = self._sample_positions(keys, room)
         # output i of the cell's sequence for its i-th non-zero gene; without include_zero_genes, keep the tokens whose
         # keys are among their cell's ``room`` smallest (token order)
-        index, bins = _draws(keys, lens, len(gene_ids) if self.include_zero_genes else room)
-        if len(index) < len(gene_ids):
-            gene_ids, token_run = gene_ids[index], token_run[index]
-        # scGPT's tie rule ceil(u·(right − left) + left) with u = hi32 / 2³²: left − ⌊hi32 · (left − right) / 2³²⌋
-        bins *= (run_left - run_right)[token_run]  # < 2³² · n_bins: no overflow
-        bins >>= 32
-        np.subtract(run_left[token_run], bins, out=bins)
+        draws = len(gene_ids) if self.include_zero_genes else room  # with zero genes: every non-zero one is kept
+        index, high = _draws(keys, lens, draws)
+        head = 0 if self.include_zero_genes else int(self.append_cls)
+        parts = _kept_tokens(index, high, np.minimum(lens, draws), gene_ids, token_run, run_left, run_right, run_value,
+                             head, self.cls_id or 0, self.cls_value)
         kept = np.minimum(candidates, room)
-        head = int(self.append_cls)
         out_offsets = np.zeros(n_cells + 1, dtype=np.int64)
-        np.cumsum(kept + head, out=out_offsets[1:])
-        values = run_value[token_run]
+        np.cumsum(kept + int(self.append_cls), out=out_offsets[1:])
         if self.include_zero_genes:
-            parts = self._with_zero_genes(gene_ids, values, bins, lens, kept, chosen)
-        else:
-            parts = (gene_ids, bins, values)
-        out = {"offsets": out_offsets}
-        layout = (("gene_ids", self.cls_id, np.int64), ("values_bin", 0, np.int64),
-                  ("values", self.cls_value, np.float32))
-        if head:
-            body = np.ones(int(out_offsets[-1]), dtype=bool)
-            body[out_offsets[:-1]] = False
-        for (key, cls, dtype), part in zip(layout, parts):
-            if not head:
-                out[key] = part.astype(dtype, copy=False)
-                continue
-            target = out[key] = np.empty(int(out_offsets[-1]), dtype=dtype)
-            target[out_offsets[:-1]] = cls
-            target[body] = part
-        return out
+            parts = self._with_zero_genes(*parts, lens, kept, chosen)
+            if self.append_cls:  # <cls> at each cell's start
+                body = np.ones(int(out_offsets[-1]), dtype=bool)
+                body[out_offsets[:-1]] = False
+                parts = [_insert_at(body, out_offsets[:-1], cls, part)
+                         for cls, part in zip((self.cls_id, 0, self.cls_value), parts)]
+        names, dtypes = ("gene_ids", "values_bin", "values"), (np.int64, np.int64, np.float32)
+        return {"offsets": out_offsets} | {k: p.astype(t, copy=False) for k, p, t in zip(names, parts, dtypes)}
 
     def _sample_positions(self, keys: np.ndarray, room: int) -> np.ndarray:
         """include_zero_genes: each cell's ``room`` gene-list positions j with the smallest sampling keys (output j of
@@ -435,7 +455,7 @@ class BinEncoding:
         index, _ = _draws(keys, np.full(len(keys), n_genes, dtype=np.int64), room)
         return index % n_genes if n_genes else index
 
-    def _with_zero_genes(self, gene_ids, values, bins, lens, kept, chosen):
+    def _with_zero_genes(self, gene_ids, bins, values, lens, kept, chosen):
         """Candidates = every gene token (a contiguous range after the specials); the chosen ones (gene-list
         positions cell by cell; None = all), in order, with the value and bin of the cell's non-zero genes."""
         n_cells, n_genes = len(lens), len(self.gene_tokens)
