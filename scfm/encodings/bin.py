@@ -115,39 +115,52 @@ _DENSE_CAP = 64  # counts below this go through the dense (cell, count) table: m
 def _runs(counts: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
     """The (cell, count) runs of a block: (run_cell, run_count, run_size, token_run), cell-major and counts
     ascending. Each cell owns a dense range of ``cap`` runs (counts 0 … cap − 1, most of them empty: size 0),
-    followed by one run per distinct count >= cap (``np.unique`` of those few). No token is sorted and the
-    run of a small count is found by arithmetic, not by a lookup."""
-    lens = np.diff(offsets)
-    n_cells = len(lens)
+    followed by one run per distinct count >= cap (sorted: those are few). No token is sorted and the run of a
+    small count is found by arithmetic, not by a lookup."""
+    n_cells = len(offsets) - 1
     top = int(counts.max()) + 1
     cap = min(top, _DENSE_CAP)
-    big = np.flatnonzero(counts >= cap)
-    if len(big) * 8 > len(counts):  # deep cells: a wider table is cheaper than sorting many tokens
+    if np.count_nonzero(counts >= cap) * 8 > len(counts):  # deep cells: a wider table is cheaper than sorting
         cap = min(top, max(_DENSE_CAP, (2 * len(counts) + 4096) // max(n_cells, 1)))
-        big = np.flatnonzero(counts >= cap)
-    cells = np.arange(n_cells, dtype=np.int64)
-    if not len(big):
-        token_run = np.repeat(cells * cap, lens)
-        token_run += counts
-        return (np.repeat(cells, cap), np.tile(np.arange(cap, dtype=np.int64), n_cells),
-                np.bincount(token_run, minlength=n_cells * cap), token_run)
-    big_cell = np.searchsorted(offsets, big, side="right") - 1
-    keys, inverse = np.unique((big_cell << np.int64(32)) | counts[big], return_inverse=True)
-    key_cell = keys >> np.int64(32)
-    big_before = np.searchsorted(key_cell, np.arange(n_cells + 1, dtype=np.int64))  # big runs of earlier cells
-    start = cells * cap + big_before[:-1]  # a cell's first run
-    key_run = start[key_cell] + cap + (np.arange(len(keys)) - big_before[key_cell])
-    token_run = np.repeat(start, lens)
-    token_run += counts
-    token_run[big] = key_run[inverse]
-    n_runs = n_cells * cap + len(keys)
-    is_big = np.zeros(n_runs, dtype=bool)
-    is_big[key_run] = True
-    run_count = np.empty(n_runs, dtype=np.int64)
-    run_count[~is_big] = np.tile(np.arange(cap, dtype=np.int64), n_cells)
-    run_count[key_run] = keys & np.int64(0xFFFFFFFF)
-    return (np.repeat(cells, cap + np.diff(big_before)), run_count, np.bincount(token_run, minlength=n_runs),
-            token_run)
+    return _runs_kernel(counts, offsets, cap)
+
+
+@numba.njit(cache=True, nogil=True)
+def _runs_kernel(counts: np.ndarray, offsets: np.ndarray, cap: int) -> tuple[np.ndarray, ...]:
+    n_cells = len(offsets) - 1
+    big = np.empty(len(counts), dtype=np.int64)  # each cell's distinct counts >= cap, ascending, cell after cell
+    big_start = np.zeros(n_cells + 1, dtype=np.int64)
+    m = 0
+    for c in range(n_cells):
+        first = m
+        for t in range(offsets[c], offsets[c + 1]):
+            if counts[t] >= cap:
+                big[m] = counts[t]
+                m += 1
+        if m - first > 1:
+            big[first:m] = np.sort(big[first:m])
+            u = first + 1
+            for j in range(first + 1, m):
+                if big[j] != big[u - 1]:
+                    big[u] = big[j]
+                    u += 1
+            m = u
+        big_start[c + 1] = m
+    n_runs = n_cells * cap + m
+    run_cell, run_count = np.empty(n_runs, np.int64), np.empty(n_runs, np.int64)
+    run_size, token_run = np.zeros(n_runs, np.int64), np.empty(len(counts), np.int64)
+    for c in range(n_cells):
+        first = c * cap + big_start[c]  # the cell's first run
+        bigs = big[big_start[c]:big_start[c + 1]]
+        for j in range(cap + len(bigs)):
+            run_cell[first + j] = c
+            run_count[first + j] = j if j < cap else bigs[j - cap]
+        for t in range(offsets[c], offsets[c + 1]):
+            x = counts[t]
+            r = first + x if x < cap else first + cap + np.searchsorted(bigs, x)
+            token_run[t] = r
+            run_size[r] += 1
+    return run_cell, run_count, run_size, token_run
 
 
 def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins: int):
@@ -172,35 +185,54 @@ def bin_runs(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray, n_bins:
         token_run = (np.cumsum(first) - 1)[token_run]
         run_size = np.add.reduceat(run_size, np.flatnonzero(first))
         run_cell, run_value = run_cell[first], run_value[first]
-    n_runs = len(run_cell)
-    run_end = np.cumsum(run_size)  # positions in the cell-major sorted order
-    # numpy's quantile, method 'linear': virtual index (n-1)·q, neighbours, gamma, _lerp (float64)
-    filled = lens > 0
-    n_edges = n_bins - 1
-    last = (lens[filled] - 1)[:, None]
-    virtual = last * _quantiles(n_bins)
-    above = virtual >= last
-    prev = np.floor(virtual)
-    gamma = virtual - np.where(above, -1.0, prev)  # numpy's previous index is -1 there (a == b: no effect)
-    lo = np.where(above, last, prev).astype(np.int64)
-    lo += offsets[:-1][filled][:, None]
-    run_lo = np.searchsorted(run_end, lo, side="right")
-    run_hi = np.searchsorted(run_end, lo + ~above, side="right")
-    a, b = run_value[run_lo], run_value[run_hi]
-    diff = b - a  # float32, as numpy
-    edges = a + diff * gamma
-    np.subtract(b, diff * (1 - gamma), out=edges, where=gamma >= 0.5)
-    # an edge lies in [a, b]: compare it with those two values only. ``below``: the run starting at
-    # #values < edge, ``upto``: at #values <= edge (strictly between a and b: both are the run of b)
-    at_a = edges == a
-    below = np.where(at_a, run_lo, run_hi)
-    upto = np.where(at_a, run_lo + 1, run_hi + (edges == b))
-    # left(run) = #{edges <= value} = #{below <= run}; right(run) = #{edges < value} = #{upto <= run}
-    earlier = (run_cell if filled.all() else (np.cumsum(filled) - 1)[run_cell]) * n_edges  # earlier cells' edges
-    left = np.cumsum(np.bincount(below.ravel(), minlength=n_runs + 1)[:n_runs]) - earlier
-    right = np.cumsum(np.bincount(upto.ravel(), minlength=n_runs + 1)[:n_runs]) - earlier
-    right[run_size == 0] = left[run_size == 0]  # empty runs (no token): never a tie
+    left, right = _bounds_kernel(run_cell, run_size, run_value, lens, _quantiles(n_bins))
     return token_run, run_cell, run_value, left, right
+
+
+@numba.njit(cache=True, nogil=True)
+def _bounds_kernel(run_cell: np.ndarray, run_size: np.ndarray, run_value: np.ndarray, lens: np.ndarray,
+                   quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per run: ``left`` = #edges <= its value, ``right`` = #edges < its value, where a cell's edges are numpy's
+    ``quantile(values, quantiles)`` (method 'linear': virtual index (n−1)·q, neighbours a ≤ b, gamma, ``_lerp`` in
+    float64 from float32 a, b and b − a). An edge lies in [a, b], so it is compared with those two only."""
+    n_runs = len(run_cell)
+    left, right = np.zeros(n_runs, np.int64), np.zeros(n_runs, np.int64)
+    r0 = 0
+    for c in range(len(lens)):
+        r1 = r0
+        while r1 < n_runs and run_cell[r1] == c:
+            r1 += 1
+        n = lens[c]
+        if n > 0:
+            ends = np.cumsum(run_size[r0:r1])  # positions in the cell's sorted order
+            below = np.zeros(r1 - r0 + 1, np.int64)  # per run: edges whose count starts there (left)
+            upto = np.zeros(r1 - r0 + 1, np.int64)  # (right)
+            last = n - 1
+            for q in quantiles:
+                virtual = last * q
+                above = virtual >= last
+                prev = np.floor(virtual)
+                gamma = virtual - (-1.0 if above else prev)  # numpy's previous index is -1 there (a == b: no effect)
+                lo = last if above else np.int64(prev)
+                run_lo = np.searchsorted(ends, lo, side="right")
+                run_hi = run_lo if above else np.searchsorted(ends, lo + 1, side="right")
+                a, b = run_value[r0 + run_lo], run_value[r0 + run_hi]
+                diff = np.float32(b - a)
+                edge = np.float64(b) - diff * (1.0 - gamma) if gamma >= 0.5 else np.float64(a) + diff * gamma
+                if edge == a:
+                    below[run_lo] += 1
+                    upto[run_lo + 1] += 1
+                else:
+                    below[run_hi] += 1
+                    upto[run_hi + (edge == b)] += 1
+            k_below = k_upto = 0
+            for j in range(r1 - r0):
+                k_below += below[j]
+                k_upto += upto[j]
+                left[r0 + j] = k_below
+                right[r0 + j] = k_upto if run_size[r0 + j] else k_below  # empty runs (no token): never a tie
+        r0 = r1
+    return left, right
 
 
 def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
