@@ -279,7 +279,8 @@ def _kth_of_cell(low: np.ndarray, k: int, hist: np.ndarray) -> tuple[int, int]:
 def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     """Sampling: whether each candidate is among its cell's ``k`` with the smallest keys, where candidate j's key is
     (low 32 bits of its output, j): ties of the 32-bit part go to the lower position. ``bits`` flat, cell by cell;
-    cells of at most ``k`` candidates keep all."""
+    cells of at most ``k`` candidates keep all. The rule on given outputs: ``_draws`` fuses it with making them
+    (the tests check both, this one with tie-heavy outputs)."""
     keep = np.ones(len(bits), dtype=np.bool_)
     hist = np.empty(4096, dtype=np.int64)
     start = 0
