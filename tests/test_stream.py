@@ -7,6 +7,7 @@ import gc
 import operator
 import pickle
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -255,6 +256,46 @@ def test_datamodule_resumes_mid_message_with_workers(synthetic_corpus, monkeypat
     del it, dl
     rest = [b["cell_index"].tolist() for b in loader(state)]
     assert first + rest == full
+
+
+@pytest.mark.parametrize("strategy", ["random", "length_grouped", "packed"])
+def test_messages_cut_every_rank_and_worker_alike(synthetic_corpus, monkeypatch, strategy):
+    """Under DDP, Lightning saves rank 0's loader state and every rank resumes from it: each worker must stand at the
+    same batch on every rank after the same number of steps, so messages hold the same number of batches."""
+    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 2_500)
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    sizes = []
+    for rank in range(2):
+        s = stream(synthetic_corpus, strategy=strategy, batch_size=16, max_len=64, world_size=2, rank=rank)
+        s.send_shared = True
+        sizes.append([len(m) for m in s])
+    assert sizes[0] == sizes[1] and set(sizes[0][:-1]) == {2}
+
+
+def test_resume_of_a_resumed_loader_before_and_after_its_first_batch(synthetic_corpus, monkeypatch):
+    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 3_500)  # 3 batches per message
+
+    def loader(state=None):
+        dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(synthetic_corpus.path),
+                            val_fraction=0.0, num_workers=2, progress=False)
+        dm.setup()
+        dl = dm.train_dataloader()
+        if state is not None:
+            dl.load_state_dict(state)
+        return dl
+
+    full = [b["cell_index"].tolist() for b in loader()]
+    it = iter(dl := loader())
+    for _ in range(5):
+        next(it)
+    state = dl.state_dict()
+    del it, dl
+    again = loader(state).state_dict()  # taken before the resumed loader serves anything
+    it = iter(dl := loader(again))
+    sixth = next(it)["cell_index"].tolist()
+    state = dl.state_dict()
+    del it, dl
+    assert [sixth, *[b["cell_index"].tolist() for b in loader(state)]] == full[5:]
 
 
 def test_small_shared_memory_is_warned_about(tmp_path, monkeypatch):

@@ -119,17 +119,19 @@ class _Loader(StatefulDataLoader):
 
     _unserved: tuple[int, int] | None = None  # (worker, batches) of the message being served
 
+    def _get_iterator(self):
+        if self.num_workers and isinstance(self.dataset, CellStream):  # fresh workers: fresh buffer-pool flags
+            self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
+            _check_shared_memory(self.num_workers)
+        return super()._get_iterator()
+
     def __iter__(self):
         self._unserved = None
-        in_use = None
-        if self.num_workers and isinstance(self.dataset, CellStream):  # the workers' buffer pools (fresh workers)
-            in_use = self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
-            _check_shared_memory(self.num_workers)
         for item in super().__iter__():
             if not isinstance(item, SharedBatches):
                 yield item
                 continue
-            for i, batch in enumerate(item.batches(in_use)):
+            for i, batch in enumerate(item.batches(self.dataset.in_use)):
                 self._unserved = (item.worker, len(item) - 1 - i)
                 yield batch
             self._unserved = None
@@ -143,6 +145,7 @@ class _Loader(StatefulDataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         unserved = state.pop("scfm_unserved", None)
+        self._unserved = None
         self.dataset.unserved = {int(unserved["worker"]): int(unserved["batches"])} if unserved else {}
         if unserved and self.num_workers:  # that worker's message comes first: the loader's round robin resumes
             snapshot = state[_Iter._SNAPSHOT] = dict(state[_Iter._SNAPSHOT])  # after the last worker it served

@@ -39,8 +39,8 @@ from scfm.errors import ScfmInputError
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
 _BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells, ~60 MB of arrays).
 # Encodings are vectorised over a block: ~100 numpy calls of fixed cost per block, amortised over its cells.
-_MESSAGE_SLOTS = 1 << 19  # a loader worker sends a block's batches in messages of up to this many laid-out tokens
-# (~16 MB: ~30 bytes per token)
+_MESSAGE_SLOTS = 1 << 19  # a loader worker sends batches in messages of up to this many laid-out tokens
+# (~16 MB: ~30 bytes per token); batches of batch_size × max_len: bin 36 per message, rank 21, continuous 2
 
 
 _POOL = 6  # shared-memory buffers per loader worker, reused once the main process has dropped their batches
@@ -81,7 +81,7 @@ def _release(in_use: torch.Tensor, worker: int, slot: int) -> None:
 class SharedBatches:
     """Consecutive batches of one loader worker, laid out in one shared-memory buffer.
 
-    A worker sends one of these per block (or per ``_MESSAGE_SLOTS`` of it) instead of one batch at a time: one
+    A worker sends one of these per ``_MESSAGE_SLOTS`` laid-out tokens instead of one batch at a time: one
     file-descriptor hand-over (~0.5 ms) and one round of the loader's per-item bookkeeping (~0.3 ms) serve ~10
     batches, and the main process copies nothing: ``batches()`` cuts tensor views out of the buffer."""
 
@@ -219,6 +219,7 @@ class CellStream(IterableDataset):
         worker = get_worker_info()
         if worker is not None:  # a loader worker: batches of its last message the main process had not served
             self._skip -= self.unserved.get(worker.id, 0)
+        self._served = self._skip  # a state taken before the first batch (the loader records one at once)
 
     # -- plan ------------------------------------------------------------------------------------
     def members(self, shard: int) -> np.ndarray:
@@ -336,21 +337,23 @@ class CellStream(IterableDataset):
         tokens = np.add.reduceat(cell_lengths[order], firsts) if len(order) else sizes
         stored = np.add.reduceat(_gather_per_shard(lambda s: self.corpus.shard(s).n_genes, shards[order], cells[order]),
                                  firsts) if len(order) else sizes  # stored (non-zero) tokens: what reading costs
-        slots = tokens if strategy == "packed" or not len(order) else \
-            sizes * np.maximum.reduceat(cell_lengths[order], firsts)  # laid-out tokens, padding included
         # Blocks of consecutive batches are read and encoded at once (cells are encoded independently, so the result
-        # does not depend on the grouping); a loader worker sends a block's batches in messages. Both are cut from the
-        # plan alone, so a resumed run sends the messages of the uninterrupted one (its first one: the rest of the
-        # message that was being served).
+        # does not depend on the grouping), cut from the plan alone. A loader worker sends its batches in messages of
+        # ``per_message``, a number the same for every worker and rank: a resumed run sends the messages of the
+        # uninterrupted one (its first: the rest of the message being served), and under DDP every rank's workers stand
+        # at the same batch after the same number of steps (Lightning saves rank 0's loader state for all ranks).
+        widest = self.batching.budget(self.encoding.max_len) if strategy == "packed" else \
+            self.batching.batch_size * self.encoding.max_len  # laid-out tokens of a batch, at most
+        per_message = max(1, _MESSAGE_SLOTS // widest)
         blocks = _cut((tokens, _BLOCK_ENCODED), (stored, _BLOCK_TOKENS))
+        pending: list[dict[str, Any]] = []
         for first, end in itertools.pairwise(blocks):
             if end <= skip:
                 continue
             b = max(first, skip)
             block = order[firsts[b]:firsts[end - 1] + sizes[end - 1]]  # the cells of batches b … end - 1
             encoded = self.encode_cells(shards[block], cells[block], base, epoch)
-            ends = set((first + _cut((slots[first:end], _MESSAGE_SLOTS))[1:]).tolist())
-            lo, pending = 0, []
+            lo = 0
             for j in range(b, end):
                 hi = lo + len(batches[j])
                 part = _cell_slice(encoded, lo, hi)
@@ -360,7 +363,7 @@ class CellStream(IterableDataset):
                     yield collate(part, strategy)
                     continue
                 pending.append(part)
-                if j + 1 in ends:
+                if (j + 1) % per_message == 0 or j + 1 == len(batches):
                     self._served = j + 1
                     yield SharedBatches(pending, strategy, worker.id, pool)
                     pending = []
