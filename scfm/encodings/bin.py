@@ -47,6 +47,8 @@ the ``max_len − 1`` smallest keys, the high half of the kept ones is returned 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -57,6 +59,7 @@ from scfm.encodings.rng import GOLDEN, purpose_key
 from scfm.errors import ScfmInputError
 
 NORMALIZE_BY = ("vocab", "all_genes")
+log = logging.getLogger(__name__)
 BIN_DRAWS = 1  # the purpose of bin's draws in ``scfm.encodings.rng``
 
 
@@ -409,7 +412,21 @@ class BinEncoding:
             self.cls_id = vocab.special_id("<cls>")
         self.gene_tokens = vocab.gene_token_ids()
         self.vocab_size = len(vocab)
+        self._compile(corpus)
         return self
+
+    def _compile(self, corpus) -> None:
+        """Encode the corpus's first cells once: the kernels are compiled (or loaded from numba's cache) for the
+        corpus's dtypes here, in the process that forks the loader workers, which then inherit the machine code."""
+        if not getattr(corpus, "n_shards", 0) or not corpus.shard_sizes[0]:
+            return
+        shard, start = corpus.shard(0), time.perf_counter()
+        offsets = np.asarray(shard.offsets[:min(3, int(corpus.shard_sizes[0]) + 1)], dtype=np.int64)
+        end = int(offsets[-1])
+        self.encode(shard.gene_ids[:end], shard.counts[:end], offsets, shard.total_counts[:len(offsets) - 1])
+        if time.perf_counter() - start > 2:
+            log.info("encoding=bin: compiled its kernels in %.0f s (cached for the next runs)",
+                     time.perf_counter() - start)
 
     def _candidates(self, n_nonzero: np.ndarray) -> np.ndarray:
         if self.include_zero_genes:
