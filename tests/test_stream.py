@@ -234,20 +234,23 @@ def test_datamodule_workers_send_blocks_of_the_same_batches(synthetic_corpus, mo
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+def _two_worker_loader(corpus, state=None):
+    """The DataModule's training loader over ``corpus`` with 2 workers (rank, 64 tokens, batches of 16)."""
+    dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(corpus.path), val_fraction=0.0,
+                        num_workers=2, progress=False)
+    dm.setup()
+    dl = dm.train_dataloader()
+    if state is not None:
+        dl.load_state_dict(state)
+    return dl
+
+
 @pytest.mark.parametrize("stop", [1, 5, 9])
 def test_datamodule_resumes_mid_message_with_workers(synthetic_corpus, monkeypatch, stop):
     """A checkpoint taken part-way through a worker's message resumes at the next batch of that message."""
     monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 3_500)  # 3 batches of 16 × 64 per message
 
-    def loader(state=None):
-        dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(synthetic_corpus.path),
-                            val_fraction=0.0, num_workers=2, progress=False)
-        dm.setup()
-        dl = dm.train_dataloader()
-        if state is not None:
-            dl.load_state_dict(state)
-        return dl
-
+    loader = functools.partial(_two_worker_loader, synthetic_corpus)
     full = [b["cell_index"].tolist() for b in loader()]
     it = iter(dl := loader())
     first = [next(it)["cell_index"].tolist() for _ in range(stop)]
@@ -275,15 +278,7 @@ def test_messages_cut_every_rank_and_worker_alike(synthetic_corpus, monkeypatch,
 def test_resume_of_a_resumed_loader_before_and_after_its_first_batch(synthetic_corpus, monkeypatch):
     monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 3_500)  # 3 batches per message
 
-    def loader(state=None):
-        dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(synthetic_corpus.path),
-                            val_fraction=0.0, num_workers=2, progress=False)
-        dm.setup()
-        dl = dm.train_dataloader()
-        if state is not None:
-            dl.load_state_dict(state)
-        return dl
-
+    loader = functools.partial(_two_worker_loader, synthetic_corpus)
     full = [b["cell_index"].tolist() for b in loader()]
     it = iter(dl := loader())
     for _ in range(5):
