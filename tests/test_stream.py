@@ -217,10 +217,9 @@ def test_datamodule_workers_send_blocks_of_the_same_batches(synthetic_corpus, mo
     """The DataModule's workers send blocks of batches in shared memory; served one by one, they are the batches a
     worker yields one at a time (interleaved across workers message by message instead of batch by batch), whether
     the batches are kept (the workers' buffers cannot be reused) or dropped as they come (they are)."""
-    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 2_500)  # several messages per block (forked workers see it)
     make = (lambda: RankEncoding(max_len=64)) if encoding == "rank" else (lambda: ContinuousEncoding(max_genes=64))
     dm = CellDataModule(make(), {"batch_size": 16}, corpus=str(synthetic_corpus.path), val_fraction=0.0,
-                        num_workers=2, progress=False)
+                        num_workers=2, progress=False, message_tokens=2_500)  # 2 batches of 16 × 64 per message
     dm.setup()
     got = [b if hold else b.clone() for b in dm.train_dataloader()]
     inner = CellStream(synthetic_corpus, make().bind(synthetic_corpus), Batching(batch_size=16), val_fraction=0.0)
@@ -235,9 +234,10 @@ def test_datamodule_workers_send_blocks_of_the_same_batches(synthetic_corpus, mo
 
 
 def _two_worker_loader(corpus, state=None):
-    """The DataModule's training loader over ``corpus`` with 2 workers (rank, 64 tokens, batches of 16)."""
+    """The DataModule's training loader over ``corpus`` with 2 workers (rank, 64 tokens, batches of 16, 3 batches per
+    message)."""
     dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(corpus.path), val_fraction=0.0,
-                        num_workers=2, progress=False)
+                        num_workers=2, progress=False, message_tokens=3_500)
     dm.setup()
     dl = dm.train_dataloader()
     if state is not None:
@@ -248,7 +248,6 @@ def _two_worker_loader(corpus, state=None):
 @pytest.mark.parametrize("stop", [1, 5, 9])
 def test_datamodule_resumes_mid_message_with_workers(synthetic_corpus, monkeypatch, stop):
     """A checkpoint taken part-way through a worker's message resumes at the next batch of that message."""
-    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 3_500)  # 3 batches of 16 × 64 per message
 
     loader = functools.partial(_two_worker_loader, synthetic_corpus)
     full = [b["cell_index"].tolist() for b in loader()]
@@ -265,18 +264,17 @@ def test_datamodule_resumes_mid_message_with_workers(synthetic_corpus, monkeypat
 def test_messages_cut_every_rank_and_worker_alike(synthetic_corpus, monkeypatch, strategy):
     """Under DDP, Lightning saves rank 0's loader state and every rank resumes from it: each worker must stand at the
     same batch on every rank after the same number of steps, so messages hold the same number of batches."""
-    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 2_500)
     monkeypatch.setattr(stream_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
     sizes = []
     for rank in range(2):
-        s = stream(synthetic_corpus, strategy=strategy, batch_size=16, max_len=64, world_size=2, rank=rank)
+        s = stream(synthetic_corpus, strategy=strategy, batch_size=16, max_len=64, world_size=2, rank=rank,
+                   message_tokens=2_500)
         s.send_shared = True
         sizes.append([len(m) for m in s])
     assert sizes[0] == sizes[1] and set(sizes[0][:-1]) == {2}
 
 
 def test_resume_of_a_resumed_loader_before_and_after_its_first_batch(synthetic_corpus, monkeypatch):
-    monkeypatch.setattr(stream_module, "_MESSAGE_SLOTS", 3_500)  # 3 batches per message
 
     loader = functools.partial(_two_worker_loader, synthetic_corpus)
     full = [b["cell_index"].tolist() for b in loader()]
@@ -297,12 +295,15 @@ def test_small_shared_memory_is_warned_about(tmp_path, monkeypatch):
     from scfm.data import datamodule
 
     monkeypatch.setattr(datamodule.shutil, "disk_usage", lambda _: type("U", (), {"free": 10 << 20}))
-    with pytest.warns(UserWarning, match=r"10 MB free.*--shm-size"):
-        datamodule._check_shared_memory(2, str(tmp_path))
+    with pytest.warns(UserWarning, match=r"10 MB free.*--shm-size.*message_tokens \(now 524288\)"):
+        datamodule._check_shared_memory(2, 1 << 19, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        datamodule._check_shared_memory(2, 1 << 15, str(tmp_path))  # smaller messages fit
     monkeypatch.setattr(datamodule.shutil, "disk_usage", lambda _: type("U", (), {"free": 1 << 40}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        datamodule._check_shared_memory(2, str(tmp_path))
+        datamodule._check_shared_memory(2, 1 << 19, str(tmp_path))
 
 
 def test_resume_rejects_a_different_seed(synthetic_corpus):

@@ -39,7 +39,7 @@ from scfm.errors import ScfmInputError
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
 _BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells, ~60 MB of arrays).
 # Encodings are vectorised over a block: ~100 numpy calls of fixed cost per block, amortised over its cells.
-_MESSAGE_SLOTS = 1 << 19  # a loader worker sends batches in messages of up to this many laid-out tokens
+MESSAGE_TOKENS = 1 << 19  # default: a loader worker sends batches in messages of up to this many laid-out tokens
 # (~16 MB: ~30 bytes per token); batches of batch_size × max_len: bin 36 per message, rank 21, continuous 2
 
 
@@ -81,7 +81,7 @@ def _release(in_use: torch.Tensor, worker: int, slot: int) -> None:
 class SharedBatches:
     """Consecutive batches of one loader worker, laid out in one shared-memory buffer.
 
-    A worker sends one of these per ``_MESSAGE_SLOTS`` laid-out tokens instead of one batch at a time: one
+    A worker sends one of these per ``message_tokens`` laid-out tokens instead of one batch at a time: one
     file-descriptor hand-over (~0.5 ms) and one round of the loader's per-item bookkeeping (~0.3 ms) serve ~10
     batches, and the main process copies nothing: ``batches()`` cuts tensor views out of the buffer."""
 
@@ -132,7 +132,8 @@ class CellStream(IterableDataset):
     def __init__(self, corpus: Corpus, encoding: Any, batching: Batching, split: str = "train",
                  val_fraction: float = 0.1, split_column: str | None = None, seed: int = 0,
                  shuffle: bool | None = None, chunk_cells: int = 256, buffer_cells: int = 8192,
-                 world_size: int = 1, rank: int = 0, conditions: Sequence[str] = ()) -> None:
+                 world_size: int = 1, rank: int = 0, conditions: Sequence[str] = (),
+                 message_tokens: int = MESSAGE_TOKENS) -> None:
         if split not in ("train", "val", "test"):
             raise ScfmInputError(f"split must be train, val or test, not {split!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -142,6 +143,9 @@ class CellStream(IterableDataset):
         self.seed, self.shuffle = seed, (split == "train") if shuffle is None else shuffle
         self.chunk_cells, self.buffer_cells = chunk_cells, buffer_cells
         self.world_size, self.rank = world_size, rank
+        if message_tokens < 1:
+            raise ScfmInputError(f"data.message_tokens={message_tokens} must be >= 1")
+        self.message_tokens = message_tokens  # per loader-worker message (see ``SharedBatches``)
         self.num_workers = 0  # set by the DataModule; used only by __len__
         self.send_shared = False  # True: loader workers yield ``SharedBatches`` (the DataModule's loader splits them)
         self.unserved: dict[int, int] = {}  # set by that loader on resume: per worker, batches to serve again
@@ -344,7 +348,7 @@ class CellStream(IterableDataset):
         # at the same batch after the same number of steps (Lightning saves rank 0's loader state for all ranks).
         widest = self.batching.budget(self.encoding.max_len) if strategy == "packed" else \
             self.batching.batch_size * self.encoding.max_len  # laid-out tokens of a batch, at most
-        per_message = max(1, _MESSAGE_SLOTS // widest)
+        per_message = max(1, self.message_tokens // widest)
         blocks = _cut((tokens, _BLOCK_ENCODED), (stored, _BLOCK_TOKENS))
         pending: list[dict[str, Any]] = []
         for first, end in itertools.pairwise(blocks):
