@@ -22,9 +22,8 @@ _PURPOSE_STEP = 0xD1B54A32D192ED03  # odd; spreads purposes far apart in the key
 _CHUNK = 1 << 15  # elements per in-place pass: temporaries stay in the L2 cache
 
 
-def mix64(z: np.ndarray, add: np.ndarray | None = None) -> np.ndarray:
-    """SplitMix64's output function, **in place** on a uint64 array (wrapping arithmetic); returns ``z``.
-    ``add`` (same length, optional) is added to ``z`` first, chunk by chunk while the chunk is in cache."""
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, **in place** on a uint64 array (wrapping arithmetic); returns ``z``."""
     if z.dtype != np.uint64 or not z.flags.c_contiguous:
         raise TypeError(f"mix64 needs a C-contiguous uint64 array, got {z.dtype}")
     flat = z.reshape(-1)
@@ -32,8 +31,6 @@ def mix64(z: np.ndarray, add: np.ndarray | None = None) -> np.ndarray:
     for a in range(0, len(flat), _CHUNK):
         c = flat[a:a + _CHUNK]
         t = tmp[:len(c)]
-        if add is not None:
-            c += add[a:a + _CHUNK]
         np.right_shift(c, np.uint64(30), out=t)
         c ^= t
         c *= np.uint64(0xBF58476D1CE4E5B9)
@@ -43,17 +40,6 @@ def mix64(z: np.ndarray, add: np.ndarray | None = None) -> np.ndarray:
         np.right_shift(c, np.uint64(31), out=t)
         c ^= t
     return z
-
-
-_steps = np.zeros(0, dtype=np.uint64)
-
-
-def _golden_steps(n: int) -> np.ndarray:
-    """``(t + 1) × GOLDEN`` for t < n (uint64), cached and grown as needed."""
-    global _steps
-    if len(_steps) < n:
-        _steps = np.arange(1, max(n, 2 * len(_steps)) + 1, dtype=np.uint64) * np.uint64(GOLDEN)
-    return _steps[:n]
 
 
 def purpose_key(seeds: np.ndarray | int, purpose: int) -> np.ndarray:
@@ -70,13 +56,16 @@ def bits_at(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def cell_bits(keys: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Outputs ``0 … lengths[c] − 1`` of every cell's sequence, concatenated (uint64, ``lengths.sum()`` long)."""
+    """Outputs ``0 … lengths[c] − 1`` of every cell's sequence, concatenated (uint64, ``lengths.sum()`` long).
+    ``encoding=bin`` makes the same outputs inside its compiled ``_draws``; the tests hold one against the other."""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths
     # key_c + (i + 1)·G with i = t − start_c: one repeat of (key_c − start_c·G) plus (t + 1)·G
-    z = np.repeat(np.asarray(keys, dtype=np.uint64) - starts.astype(np.uint64) * np.uint64(GOLDEN), lengths)
-    return mix64(z, add=_golden_steps(total))
+    z = np.arange(1, total + 1, dtype=np.uint64)
+    z *= np.uint64(GOLDEN)
+    z += np.repeat(np.asarray(keys, dtype=np.uint64) - starts.astype(np.uint64) * np.uint64(GOLDEN), lengths)
+    return mix64(z)
 
 
 def uniform(bits: np.ndarray) -> np.ndarray:
