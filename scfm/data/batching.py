@@ -147,7 +147,7 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
     """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors). ``out``: arrays
     of ``batch_layout`` to write into (e.g. views of a shared-memory buffer), instead of new ones."""
     fresh = out is None
-    if out is None:
+    if fresh:
         out = {k: np.empty(shape, dtype) for k, (shape, dtype) in batch_layout(encoded, strategy).items()}
     offsets = np.asarray(encoded["offsets"])
     lengths = offsets[1:] - offsets[:-1]
