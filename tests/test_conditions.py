@@ -9,14 +9,16 @@ import pytest
 from scfm.corpus import InputSpec, PrepareOptions, prepare
 from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
+from scfm.encodings.continuous import ContinuousEncoding
 from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
 from scfm.simulate import simulate
 
 
-def stream(corpus, conditions, strategy="random"):
-    return CellStream(corpus, RankEncoding(max_len=512).bind(corpus), Batching(strategy=strategy, batch_size=16),
-                      val_fraction=0.0, conditions=conditions)
+def stream(corpus, conditions, strategy="random", encoding="rank"):
+    enc = RankEncoding(max_len=512) if encoding == "rank" else ContinuousEncoding()  # continuous: genes are one row
+    return CellStream(corpus, enc.bind(corpus), Batching(strategy=strategy, batch_size=16), val_fraction=0.0,
+                      conditions=conditions)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,12 @@ def test_cell_labels_match_obs(perturbed_corpus):
     assert seen == corpus.n_cells
 
 
-def test_perturbed_flags_mark_exactly_the_target_gene(perturbed_corpus):
+@pytest.mark.parametrize("encoding", ["rank", "continuous"])
+def test_perturbed_flags_mark_exactly_the_target_gene(perturbed_corpus, encoding):
     corpus, _ = perturbed_corpus
     vocab = corpus.vocab
     flagged = 0
-    for b in stream(corpus, ["perturbation"], strategy="packed"):
+    for b in stream(corpus, ["perturbation"], strategy="packed", encoding=encoding):
         for i, code in enumerate(b["perturbation"].tolist()):
             lo, hi = int(b["cu_seqlens"][i]), int(b["cu_seqlens"][i + 1])
             genes, flags = b["gene_ids"][0, lo:hi], b["perturbed"][0, lo:hi]
@@ -70,14 +73,17 @@ def test_perturbed_flags_mark_exactly_the_target_gene(perturbed_corpus):
     assert flagged > 50
 
 
-def test_feature_modality_comes_from_the_vocabulary(perturbed_corpus):
+@pytest.mark.parametrize("encoding", ["rank", "continuous"])
+def test_feature_modality_comes_from_the_vocabulary(perturbed_corpus, encoding):
     corpus, adata = perturbed_corpus
     assert sorted(set(corpus.vocab.modalities)) == ["gene", "protein"]
-    b = next(iter(stream(corpus, ["modality"])))
+    b = next(iter(stream(corpus, ["modality"], encoding=encoding)))
     genes, modality = b["gene_ids"][b["padding_mask"]], b["modality"][b["padding_mask"]]
     proteins = {int(t) for t in corpus.vocab.lookup(list(adata.var.gene_symbol[adata.var.modality == "protein"]))}
     assert ((modality == 1) == torch_isin(genes, proteins)).all()
     assert (modality == 1).any() and (modality == 0).any()
+    if encoding == "continuous":  # one row, shared by every cell
+        assert b["modality"].stride(0) == 0 and b["modality"].shape == b["values"].shape
 
 
 def torch_isin(t, values):

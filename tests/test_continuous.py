@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from scipy import special, stats
 
 from scfm.data.batching import Batching
+from scfm.data.datamodule import CellDataModule
 from scfm.data.stream import CellStream
 from scfm.encodings import continuous
 from scfm.encodings.continuous import DOWNSAMPLE, MASK, THIN, ZERO, ContinuousEncoding, binomial_quantile
@@ -107,8 +108,8 @@ def reference(enc: ContinuousEncoding, gene_ids, counts, total: int, seed: int) 
 def assert_matches_reference(enc, gene_ids, counts, offsets, totals, cell_seeds) -> list[dict]:
     """Encode the block and compare every cell with ``reference``; returns the references."""
     out = enc.encode(gene_ids, counts, offsets, totals, cell_seeds=cell_seeds)
-    assert set(out) == {"gene_ids", "values", "target_values", "value_mask", "encoder_mask", "token_kind", "offsets",
-                        "cell"}
+    assert set(out) == {"values", "target_values", "value_mask", "encoder_mask", "rows", "offsets", "cell"}
+    assert set(out["rows"]) == {"gene_ids", "token_kind"}
     refs = []
     for i in range(len(offsets) - 1):
         lo, hi = offsets[i], offsets[i + 1]
@@ -136,9 +137,16 @@ def block(corpus, cells):
             np.asarray(shard.total_counts)[list(cells)])
 
 
+def dense(out, key):
+    """A per-token output flat over the block's tokens (a row every cell shares, ``rows``, repeated per cell)."""
+    if key in out.get("rows", {}):
+        return np.tile(out["rows"][key], len(out["offsets"]) - 1)
+    return out[key]
+
+
 def row(out, i, key):
     lo, hi = out["offsets"][i], out["offsets"][i + 1]
-    return out[key][lo:hi]
+    return dense(out, key)[lo:hi]
 
 
 def seeds(n, seed=0):
@@ -198,7 +206,7 @@ def test_cells_encode_the_same_alone_as_in_a_block(pbmc_corpus):
         lo, hi = offsets[i], offsets[i + 1]
         alone = enc.encode(gene_ids[lo:hi], counts[lo:hi], np.array([0, hi - lo]), totals[i:i + 1], cell_seeds[i:i + 1])
         for key in ("values", "target_values", "value_mask", "encoder_mask", "gene_ids", "token_kind"):
-            np.testing.assert_array_equal(alone[key], row(out, i, key), err_msg=f"cell {i} {key}")
+            np.testing.assert_array_equal(dense(alone, key), row(out, i, key), err_msg=f"cell {i} {key}")
         for key, v in out["cell"].items():
             assert alone["cell"][key][0] == v[i]
 
@@ -359,9 +367,9 @@ def test_block_invariants(small_encodings, cells, extra, params, subset, seed):
     # layout
     np.testing.assert_array_equal(out["offsets"], np.arange(n + 1) * L)
     assert L == G + 2
-    kind = out["token_kind"].reshape(n, L)
+    kind = dense(out, "token_kind").reshape(n, L)
     assert (kind[:, :G] == 0).all() and (kind[:, G] == 1).all() and (kind[:, G + 1] == 2).all()
-    ids = out["gene_ids"].reshape(n, L)
+    ids = dense(out, "gene_ids").reshape(n, L)
     assert (ids[:, :G] == enc.gene_tokens).all() and (ids[:, G:] == 0).all()
 
     # depth tokens: T = log10 raw total >= S = log10 down-sampled total, equal when not down-sampled
@@ -405,7 +413,7 @@ def test_block_invariants(small_encodings, cells, extra, params, subset, seed):
                           np.concatenate([c[p] for c, p in zip(cnt, perms)]), offsets, totals, cell_seeds)
     for other in (again, shuffled):
         for key in ("values", "target_values", "value_mask", "encoder_mask", "gene_ids", "token_kind"):
-            np.testing.assert_array_equal(other[key], out[key])
+            np.testing.assert_array_equal(dense(other, key), dense(out, key))
         for key, v in out["cell"].items():
             np.testing.assert_array_equal(other["cell"][key], v)
     # a cell encodes the same alone as in the block
@@ -455,10 +463,11 @@ def test_lengths_equal_encoded_lengths(pbmc_corpus):
     assert len(lengths) == shard.n_cells and (lengths == 16_634 + 2).all() and enc.max_len == 16_636
     out = enc.encode(*block(pbmc_corpus, range(25)))
     np.testing.assert_array_equal(np.diff(out["offsets"]), lengths[:25])
-    assert all(len(v) == out["offsets"][-1] for k, v in out.items() if k not in ("offsets", "cell"))
+    assert all(len(v) == out["offsets"][-1] for k, v in out.items() if k not in ("offsets", "cell", "rows"))
+    assert all(len(v) == enc.max_len for v in out["rows"].values())
     no_depth = ContinuousEncoding(depth_tokens=False).bind(pbmc_corpus)
     assert no_depth.max_len == 16_634 and (no_depth.lengths(shard) == 16_634).all()
-    assert not (no_depth.encode(*block(pbmc_corpus, range(3)))["token_kind"]).any()
+    assert not (no_depth.encode(*block(pbmc_corpus, range(3)))["rows"]["token_kind"]).any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +526,7 @@ def test_mask_fractions(pbmc_corpus, p_nz, p_z):
     for group, p in [(nonzero, p_nz), (~nonzero, p_z)]:
         k, m = int(vmask[group].sum()), int(group.sum())
         assert abs(_z(k, p * m, p * (1 - p) * m)) < 4, (k / m, p)
-    assert not out["value_mask"][out["token_kind"] != 0].any()
+    assert not out["value_mask"][dense(out, "token_kind") != 0].any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,10 +556,32 @@ def test_runs_through_cellstream_padded(pbmc_corpus):
     assert torch.equal(again["values"], b["values"]) and torch.equal(again["value_mask"], b["value_mask"])
     assert not torch.equal(later["value_mask"], b["value_mask"])
     assert torch.equal(later["target_values"], b["target_values"])
+    # gene_ids, token_kind, positions and padding_mask: one row that every cell's batch row views (stride 0)
+    row_keys = {k for k, t in b.items() if t.dim() == 2 and t.stride(0) == 0}
+    assert row_keys == {"gene_ids", "token_kind", "positions", "padding_mask"}
+    assert (b["gene_ids"][:, :-2] == torch.from_numpy(enc.gene_tokens)).all()
+    assert (b["positions"] == torch.arange(L)).all()
     packed = CellStream(pbmc_corpus, enc, Batching(strategy="packed", batch_size=2), split="val")
     p = next(iter(packed))
     assert p["values"].shape == (1, 2 * L) and torch.equal(p["cu_seqlens"], torch.tensor([0, L, 2 * L],
                                                                                          dtype=torch.int32))
+    assert torch.equal(p["gene_ids"][0, :L], b["gene_ids"][0]) and torch.equal(p["gene_ids"][0, L:], b["gene_ids"][0])
+    assert torch.equal(p["positions"][0, L:], torch.arange(L))
+
+
+def test_shared_rows_travel_to_the_device_as_one_row(pbmc_corpus):
+    """The DataModule's transfer hook moves a row every cell shares once and expands it there ('meta' stands in for a
+    GPU); everything else moves as it is."""
+    dm = CellDataModule(ContinuousEncoding(max_genes=500), {"batch_size": 4}, corpus=str(pbmc_corpus.path))
+    dm.setup()
+    b = next(iter(dm.train_dataloader()))
+    moved = dm.transfer_batch_to_device(b, torch.device("meta"), 0)
+    assert list(moved.keys()) == list(b.keys())
+    for k, t in b.items():
+        assert moved[k].device.type == "meta" and moved[k].shape == t.shape and moved[k].dtype == t.dtype, k
+        assert (moved[k].dim() == 2 and moved[k].stride(0) == 0) == (t.dim() == 2 and t.stride(0) == 0), k
+    cpu = dm.transfer_batch_to_device(b, torch.device("cpu"), 0)
+    assert all(torch.equal(cpu[k], t) for k, t in b.items())
 
 
 def test_yaml_instantiates_the_dataclass_defaults():

@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.data import stream as stream_module
-from scfm.data.batching import Batching, collate_arrays
+from scfm.data.batching import Batching, collate
 from scfm.data.datamodule import CellDataModule, _as_is
 from scfm.data.stream import CellStream, SharedBatches
 from scfm.encodings.continuous import ContinuousEncoding
@@ -180,11 +180,18 @@ def test_shared_batches_are_the_batches_they_were_given(pbmc_corpus, strategy, e
     message = pickle.loads(pickle.dumps(SharedBatches(parts, layout, worker=1)))
     assert len(message) == 3 and message.worker == 1
     for part, got in zip(parts, message.batches()):
-        want = collate_arrays(part, layout)
-        assert list(got.keys()) == list(want)
+        want = collate(part, layout)
+        assert list(got.keys()) == list(want.keys())
         for k, v in want.items():
-            assert got[k].numpy().dtype == v.dtype and got[k].shape == v.shape, k
-            assert np.array_equal(got[k].numpy().view(np.uint8), np.ascontiguousarray(v).view(np.uint8)), k
+            assert (got[k].dtype, got[k].shape) == (v.dtype, v.shape), k
+            assert shared_row(got[k]) == shared_row(v), k  # rows every cell shares stay one row
+            bits = [np.ascontiguousarray(x.numpy()).view(np.uint8) for x in (got[k], v)]
+            assert np.array_equal(*bits), k
+
+
+def shared_row(t: torch.Tensor) -> bool:
+    """A stride-0 [B, L] view of one row."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.numel() > 0 and t.stride(0) == 0
 
 
 def test_buffer_pool_reuses_a_buffer_once_its_batches_are_gone(pbmc_corpus):

@@ -10,11 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter as _Iter
 
 from scfm.corpus import Corpus
-from scfm.data.batching import Batching
+from scfm.data.batching import Batching, batch_to
 from scfm.data.stream import _POOL, MESSAGE_TOKENS, CellStream, SharedBatches, worker_init_fn
 from scfm.errors import ScfmInputError
 
@@ -88,6 +89,12 @@ class CellDataModule(L.LightningDataModule):
         self.train_set = CellStream(split="train", **common)
         self.val_set = CellStream(split="val", **common)
         self.train_set.num_workers = self.val_set.num_workers = self.num_workers
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Rows every cell shares (``encoding=continuous``'s ``gene_ids``, ...) travel once (``batch_to``)."""
+        if isinstance(batch, TensorDict):
+            return batch_to(batch, device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shuffle (called by ``scfm.training.DataEpoch`` at each epoch start)."""

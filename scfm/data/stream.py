@@ -197,16 +197,21 @@ class CellStream(IterableDataset):
 
     def _add_conditions(self, encoded: dict[str, Any], shards: np.ndarray, cells: np.ndarray) -> None:
         cell = encoded.setdefault("cell", {})
+        rows = encoded.get("rows", {})
         for role in self.conditions:
             if role == "modality":
-                encoded["modality"] = self._modality_codes[encoded["gene_ids"]]
+                if "gene_ids" in rows:  # the same genes in every cell: one row
+                    rows["modality"] = self._modality_codes[rows["gene_ids"]]
+                else:
+                    encoded["modality"] = self._modality_codes[encoded["gene_ids"]]
                 continue
             codes = _gather_per_shard(lambda shard, role=role: self.label_codes(shard, role), shards, cells)
             cell[role] = codes
             if role == "perturbation":  # per token: is this gene the cell's perturbed gene?
                 target = np.where(codes >= 0, self._target_token[np.maximum(codes, 0)], -1)
                 per_token = np.repeat(target, np.diff(encoded["offsets"]))
-                encoded["perturbed"] = (encoded["gene_ids"] == per_token) & (per_token >= 0)
+                genes = np.tile(rows["gene_ids"], len(codes)) if "gene_ids" in rows else encoded["gene_ids"]
+                encoded["perturbed"] = (genes == per_token) & (per_token >= 0)
 
     # -- epoch and state -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -437,7 +442,9 @@ def _cell_slice(encoded: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
     """Cells ``lo:hi`` of an encoded block (views)."""
     offsets = encoded["offsets"]
     a, b = offsets[lo], offsets[hi]
-    out = {k: v[a:b] for k, v in encoded.items() if k not in ("offsets", "cell")}
+    out = {k: v[a:b] for k, v in encoded.items() if k not in ("offsets", "cell", "rows")}
+    if "rows" in encoded:
+        out["rows"] = encoded["rows"]
     out["offsets"] = offsets[lo:hi + 1] - a
     out["cell"] = {k: v[lo:hi] for k, v in encoded.get("cell", {}).items()}
     return out

@@ -28,13 +28,17 @@ Per cell, with ``c`` its raw counts over the gene list (0 for genes it does not 
 
 Outputs, flat per token (``n_cells × max_len``, every cell the same length, genes in gene-list order, then T, S):
 
-- ``gene_ids``: the gene's token id; ``<pad>`` (0) at T and S: models tell T/S apart by ``token_kind``;
 - ``values``: float32 input values, 0 where masked (the model puts its learned mask embedding there, from
   ``value_mask``); at T and S their log10 depths;
 - ``target_values``: float32, the raw cell (step 5); at T and S both ``log10(raw total)`` (never regressed);
 - ``value_mask``: bool, True = masked (regress there);
 - ``encoder_mask``: bool, what xTrimoGene's asymmetric encoder sees: genes with ``c' > 0`` that are not masked, plus
   T and S;
+
+The same in every cell, so given once (``rows``, ``[max_len]``; batches hold them as stride-0 views, see
+``scfm.data.batching.collate``):
+
+- ``gene_ids``: the gene's token id; ``<pad>`` (0) at T and S: models tell T/S apart by ``token_kind``;
 - ``token_kind``: int8, 0 gene, 1 T, 2 S.
 
 Per cell (``cell``): ``raw_total`` and ``input_total`` (float32 counts: T and S before log10), ``downsampled`` (bool),
@@ -526,12 +530,11 @@ class ContinuousEncoding:
             target[t_pos] = target[t_pos + 1] = depth_t  # the target row is the raw cell: its S is T
             enc[t_pos] = enc[t_pos + 1] = True
         return {
-            "gene_ids": _repeat_row(self._row_ids, n),
             "values": values,
             "target_values": target,
             "value_mask": value_mask,
             "encoder_mask": enc,
-            "token_kind": _repeat_row(self._row_kind, n),
+            "rows": {"gene_ids": self._row_ids, "token_kind": self._row_kind},
             "offsets": np.arange(n + 1, dtype=np.int64) * L,
             "cell": {"raw_total": smp.raw_total.astype(np.float32), "input_total": smp.input_total.astype(np.float32),
                      "downsampled": smp.downsampled, "rate": smp.rate.astype(np.float32)},
@@ -561,9 +564,3 @@ def _cell_sums(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     np.cumsum(x, out=csum[1:])
     return csum[bounds[1:]] - csum[bounds[:-1]]
 
-
-def _repeat_row(row: np.ndarray, n: int) -> np.ndarray:
-    """``np.tile(row, n)`` (a broadcast copy: faster)."""
-    out = np.empty((n, len(row)), dtype=row.dtype)
-    out[:] = row
-    return out.reshape(-1)
