@@ -103,6 +103,44 @@ class Batching:
                 yield np.sort(order[by_bin[bounds[b]:bounds[b + 1]]])
 
 
+@dataclass(frozen=True)
+class Scattered:
+    """A flat per-token array given by the entries that are not zero: ``values`` at token positions ``index``, zero
+    elsewhere, ``size`` tokens in all. ``index`` is grouped by cell, in cell order (any order within a cell).
+
+    Encodings whose cells are mostly zeros give these (``encoding=continuous``): ``collate`` writes the entries
+    straight into the batch, with no dense array in between. For ``len``, ``dtype``, slices at cell boundaries
+    (``offsets``) and ``np.asarray`` it behaves as the dense array."""
+
+    index: np.ndarray  # int64
+    values: np.ndarray
+    size: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, cells: slice) -> Scattered:
+        """Tokens ``a:b``, ``a`` and ``b`` at cell boundaries (so a binary search finds them: the index is grouped
+        by cell)."""
+        a, b, _ = cells.indices(self.size)
+        lo, hi = np.searchsorted(self.index, [a, b])
+        return Scattered(self.index[lo:hi] - a, self.values[lo:hi], b - a)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.zeros(self.size, dtype=dtype or self.dtype)
+        out[self.index] = self.values
+        return out
+
+    def put(self, out: np.ndarray) -> None:
+        """Write into ``out`` (flat, ``size`` long): zeros, then the entries."""
+        out.fill(0)
+        out[self.index] = self.values
+
+
 def collate(encoded: dict[str, Any], strategy: str, pad_id: int = 0) -> TensorDict:
     """Lay out a block of encoded cells as a padded or packed batch.
 
@@ -186,7 +224,7 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
         out[k].reshape(-1, len(row))[:] = row  # padded: once; packed: once per cell
     if strategy == "packed":
         for k in token_keys:
-            out[k][0] = encoded[k]
+            _put(out[k][0], encoded[k])
         positions = out["positions"][0]
         positions[:] = np.arange(len(positions))
         positions -= np.repeat(offsets[:-1], lengths)
@@ -199,10 +237,10 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
         np.less(cols, lengths[:len(mask), None], out=mask)
         full = n > 0 and bool((lengths == width).all())  # e.g. encoding=continuous: nothing to pad
         for k in token_keys:
-            if full and fresh:  # no copy when the encoding's array has the batch's dtype
+            if full and fresh and not isinstance(encoded[k], Scattered):  # no copy when the dtype is the batch's
                 out[k] = np.ascontiguousarray(encoded[k], dtype=out[k].dtype).reshape(n, width)
             elif full:
-                out[k].reshape(-1)[:] = encoded[k]
+                _put(out[k].reshape(-1), encoded[k])
             else:
                 out[k].fill(pad_id if k == "gene_ids" else 0)
                 out[k][mask] = encoded[k]
@@ -214,6 +252,14 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
     for k, v in encoded.get("cell", {}).items():
         out[k][...] = v
     return out
+
+
+def _put(out: np.ndarray, tokens: np.ndarray | Scattered) -> None:
+    """Write a flat per-token array into ``out`` (flat)."""
+    if isinstance(tokens, Scattered):
+        tokens.put(out)
+    else:
+        out[:] = tokens
 
 
 def _token_keys(encoded: dict[str, Any]) -> list[str]:

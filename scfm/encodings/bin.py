@@ -55,7 +55,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from scfm.encodings.rng import GOLDEN, purpose_key
+from scfm.encodings.rng import GOLDEN, mix64_one, purpose_key
 from scfm.errors import ScfmInputError
 
 NORMALIZE_BY = ("vocab", "all_genes")
@@ -317,11 +317,9 @@ def _draws(keys: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, n
     for c in range(len(lengths)):
         n = lengths[c]
         z = keys[c]
-        for i in range(n):  # output i = mix64(key + (i + 1)·GOLDEN), as rng.mix64
+        for i in range(n):  # output i = mix64(key + (i + 1)·GOLDEN)
             z += np.uint64(GOLDEN)
-            x = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x ^= x >> np.uint64(31)
+            x = mix64_one(z)
             low[i] = np.uint32(x & np.uint64(0xFFFFFFFF))
             top[i] = np.uint32(x >> np.uint64(32))
         kth, ties = (np.uint32(0xFFFFFFFF), n) if n <= k else _kth_of_cell(low[:n], k, hist)

@@ -26,7 +26,8 @@ Per cell, with ``c`` its raw counts over the gene list (0 for genes it does not 
    high-depth (raw) expression from the down-sampled input; ``T`` tells it which depth to predict at. The target
    depends neither on masking nor on down-sampling.
 
-Outputs, flat per token (``n_cells × max_len``, every cell the same length, genes in gene-list order, then T, S):
+Outputs, flat per token (``n_cells × max_len``, every cell the same length, genes in gene-list order, then T, S),
+each given by its entries that are not zero (``Scattered``; ``np.asarray`` makes the dense array):
 
 - ``values``: float32 input values, 0 where masked (the model puts its learned mask embedding there, from
   ``value_mask``); at T and S their log10 depths;
@@ -61,8 +62,8 @@ cell by cell):
 4. ``ZERO`` (14), per cell: the columns drawn for zero masking are ``x_0 < x_1 < …`` with ``x_i = x_{i−1} + g_i``
    (``x_{−1} = −1``), ``g_i = floor(log(1 − u(i)) / log1p(−mask_zero)) + 1``: geometric gaps, so each column is
    drawn with probability ``mask_zero``, independently; those ``< n_genes`` with ``c' == 0`` are masked
-   (``mask_zero = 0``: none; ``1``: every column). The block draws ``_zero_draws`` gaps per cell at once and
-   tops up the rare cells that have not passed the last column yet.
+   (``mask_zero = 0``: none; ``1``: every column). A compiled loop (``_zero_picks``) draws each cell's gaps until
+   one passes the last column.
 
 ``Q(u; c, γ) = min{k : F(k) > u}`` is the inverse of the Binomial(c, γ) CDF ``F`` (so ``c' ~ Binomial(c, γ)``
 exactly; ``γ = 0`` gives 0, ``γ = 1`` gives ``c``, ``u = 0`` gives 0). ``F(k) > u`` is evaluated in float64 as
@@ -74,8 +75,9 @@ of a step of ``F``; the tests' reference uses bdtr / bdtrc throughout and matche
 
 Cost: no Python loop over cells. Per block, a few numpy passes over the sparse entries (hash, compare, an
 inversion loop over ``k < 16`` on the still unresolved entries), ~``n_genes × mask_zero`` hashed gaps per cell,
-and the dense ``[n_cells, max_len]`` layout built from the sparse entries by a token -> column map fixed in
-``bind``.
+and one compiled pass (``_layout``, numba) that lists each output's entries that are not zero, by a token -> column
+map fixed in ``bind``. Nothing dense is made here: ``collate`` writes the entries straight into the batch
+(``scfm.data.batching.Scattered``), so a worker writes each of the batch's ~10 bytes per token once.
 
 Defaults are all configurable (``conf/encoding/continuous.yaml``). ``target_sum=1e4`` + ``log1p`` is scFoundation's
 normalisation and 30% masking of expressed values its masking ratio (DESIGN.md §1); ``downsample_prob=0.5``,
@@ -90,11 +92,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import pandas as pd
 from scipy import special
 
-from scfm.encodings.rng import bits_at, purpose_key, uniform
+from scfm.data.batching import Scattered
+from scfm.encodings.rng import GOLDEN, bits_at, mix64_one, purpose_key, uniform
 from scfm.errors import ScfmInputError
 
 _HEADER_NAMES = ("gene_id", "gene_ids", "ensembl_id", "ensembl", "gene_name", "gene_symbol", "symbol", "gene")
@@ -105,7 +109,8 @@ _SMALL_COUNT = 16  # counts up to this invert through a per-(γ, c) table of F a
 _LOOKUP = 64  # counts below this normalise through a per-cell table of log1p values
 _LOOKUP_COUNTS = np.arange(_LOOKUP, dtype=np.float64)
 _TAIL = 1024  # small-count entries still unresolved when this few: one pass over their whole CDF row
-_ZERO_SD, _ZERO_SLACK = 3.0, 8  # gaps drawn per cell at once: mean + _ZERO_SD sd + _ZERO_SLACK (tests shrink them)
+_ZERO_SD, _ZERO_SLACK = 3.0, 8  # zero-mask picks made room for: mean + _ZERO_SD sd + _ZERO_SLACK per cell (tests
+# shrink them: the room only changes speed)
 
 
 def _small_cdf_table(rates: np.ndarray) -> np.ndarray:
@@ -237,7 +242,7 @@ def _search_quantile(u: np.ndarray, n: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 def _zero_draws(n_genes: int, p: float) -> int:
-    """Gaps drawn per cell at once for zero masking (the count only changes speed, never the draws)."""
+    """Zero-mask picks per cell to make room for at first (the count only changes speed, never the draws)."""
     mean = n_genes * p
     return max(1, int(mean + _ZERO_SD * np.sqrt(mean * (1.0 - p)) + _ZERO_SLACK))
 
@@ -250,29 +255,28 @@ def zero_mask_columns(keys: np.ndarray, n_genes: int, p: float) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if p >= 1.0:
         return np.arange(n * n_genes, dtype=np.int64)
-    m = _zero_draws(n_genes, p)
-    denom = np.log1p(-p)
-    cells = np.arange(n, dtype=np.int64)
-    last = np.full(n, -1.0)  # x_{i−1} of each cell still drawing
-    parts = []
-    start = 0
-    while len(cells):
-        x = uniform(bits_at(keys[cells, None], np.arange(start, start + m, dtype=np.uint64)[None, :]))
-        np.subtract(1.0, x, out=x)  # exact: 1 − u in (0, 1]
-        np.log(x, out=x)
-        with np.errstate(over="ignore"):  # a tiny p: gaps (and positions) beyond every column, up to inf
-            x /= denom
-            np.floor(x, out=x)
-            x += 1.0
-            x[:, 0] += last[cells]
-            np.cumsum(x, axis=1, out=x)
-        inside = x < n_genes
-        parts.append(x[inside].astype(np.int64) + np.repeat(cells * n_genes, inside.sum(1)))
-        more = inside[:, -1]  # the last gap drawn is still inside: the cell draws on
-        last[cells[more]] = x[more, -1]
-        cells, start = cells[more], start + m
-    out = np.concatenate(parts)
-    return out if len(parts) == 1 else np.sort(out)
+    return _zero_picks(np.asarray(keys, dtype=np.uint64), n_genes, math.log1p(-p), n * _zero_draws(n_genes, p))
+
+
+@numba.njit(cache=True, nogil=True)
+def _zero_picks(keys: np.ndarray, n_genes: int, denom: float, room: int) -> np.ndarray:
+    """``zero_mask_columns`` for ``0 < p < 1`` (``denom = log1p(−p)``; ``room``: first guess of the count)."""
+    out = np.empty(max(room, 16), dtype=np.int64)
+    m = 0
+    for c in range(len(keys)):
+        z = keys[c]
+        x = -1.0
+        while True:  # x_i = x_{i−1} + floor(log(1 − u(i)) / log1p(−p)) + 1, u(i) from output i
+            z += np.uint64(GOLDEN)
+            u = np.float64(mix64_one(z) >> np.uint64(11)) * 2.0**-53
+            x += math.floor(math.log(1.0 - u) / denom) + 1.0  # a tiny p: a gap beyond every column, up to inf
+            if x >= n_genes:
+                break
+            if m == len(out):
+                out = np.concatenate((out, np.empty(len(out), dtype=np.int64)))
+            out[m] = c * n_genes + np.int64(x)
+            m += 1
+    return out[:m]
 
 
 def read_gene_list(path: str | Path) -> list[str]:
@@ -427,7 +431,8 @@ class ContinuousEncoding:
         self._row_ids = np.concatenate([self._tokens, np.zeros(self.n_specials, np.int64)]).astype(np.int32)
         self._row_kind = np.concatenate([np.zeros(len(self._tokens), np.int8),
                                          np.arange(1, self.n_specials + 1, dtype=np.int8)])
-        return self
+        self.encode(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(2, np.int64), np.zeros(1, np.int64))
+        return self  # (that empty cell compiled ``_layout``, or loaded it from numba's cache, before workers fork)
 
     def lengths(self, shard) -> np.ndarray:
         """Encoded length of every cell of a shard: always ``max_len``."""
@@ -503,37 +508,24 @@ class ContinuousEncoding:
 
     def encode(self, gene_ids: np.ndarray, counts: np.ndarray, offsets: np.ndarray, totals: np.ndarray,
                cell_seeds: np.ndarray | None = None) -> dict:
-        """Encode a block of cells (CSR: cell ``i`` is ``[offsets[i], offsets[i+1])``); see the module docstring."""
+        """Encode a block of cells (CSR: cell ``i`` is ``[offsets[i], offsets[i+1])``); see the module docstring.
+        The per-token outputs are ``Scattered`` (their entries that are not zero; ``np.asarray`` makes them dense)."""
         smp = self.sample(gene_ids, counts, offsets, totals, cell_seeds)
         G, L = self.n_genes, self.max_len
         n = len(smp.raw_total)
-        flat = smp.column + smp.cell * L  # cell * L + column
-        values = np.zeros(n * L, dtype=np.float32)
-        target = np.zeros(n * L, dtype=np.float32)
-        value_mask = np.zeros(n * L, dtype=bool)
-        enc = np.zeros(n * L, dtype=bool)
-        target[flat] = self._normalise(smp.counts, smp.raw_in, smp.cell)
-        # zero masking first: every column drawn; entries with c' > 0 then overwrite it with their own mask
-        z = smp.zero_draws
-        value_mask[z + (z // G) * (L - G)] = True
-        nzt = np.flatnonzero(smp.thinned)
-        flat_nz, masked = flat[nzt], smp.masked[nzt]
-        x = self._normalise(smp.thinned[nzt], smp.thinned_in, smp.cell[nzt])
-        x[masked] = 0.0
-        values[flat_nz] = x
-        value_mask[flat_nz] = masked
-        enc[flat_nz] = ~masked
-        if self.depth_tokens:
-            t_pos = np.arange(n, dtype=np.int64) * L + G
-            depth_t = np.log10(np.maximum(smp.raw_total, 1)).astype(np.float32)
-            values[t_pos], values[t_pos + 1] = depth_t, np.log10(np.maximum(smp.input_total, 1)).astype(np.float32)
-            target[t_pos] = target[t_pos + 1] = depth_t  # the target row is the raw cell: its S is T
-            enc[t_pos] = enc[t_pos + 1] = True
+        depth_t = np.log10(np.maximum(smp.raw_total, 1)).astype(np.float32)
+        depth_s = np.log10(np.maximum(smp.input_total, 1)).astype(np.float32)
+        picks = smp.zero_draws
+        t_idx, t_val, v_idx, v_val, m_idx = _layout(
+            smp.bounds, smp.column, smp.thinned, smp.masked, self._normalise(smp.thinned, smp.thinned_in, smp.cell),
+            self._normalise(smp.counts, smp.raw_in, smp.cell), picks,
+            np.searchsorted(picks, np.arange(n + 1, dtype=np.int64) * G), G, L, depth_t, depth_s)
+        size = n * L
         return {
-            "values": values,
-            "target_values": target,
-            "value_mask": value_mask,
-            "encoder_mask": enc,
+            "values": Scattered(v_idx, v_val, size),
+            "target_values": Scattered(t_idx, t_val, size),
+            "value_mask": Scattered(m_idx, np.ones(len(m_idx), dtype=bool), size),
+            "encoder_mask": Scattered(v_idx, np.ones(len(v_idx), dtype=bool), size),
             "rows": {"gene_ids": self._row_ids, "token_kind": self._row_kind},
             "offsets": np.arange(n + 1, dtype=np.int64) * L,
             "cell": {"raw_total": smp.raw_total.astype(np.float32), "input_total": smp.input_total.astype(np.float32),
@@ -564,3 +556,50 @@ def _cell_sums(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     np.cumsum(x, out=csum[1:])
     return csum[bounds[1:]] - csum[bounds[:-1]]
 
+
+@numba.njit(cache=True, nogil=True)
+def _layout(bounds: np.ndarray, column: np.ndarray, thinned: np.ndarray, masked: np.ndarray, x: np.ndarray,
+            y: np.ndarray, picks: np.ndarray, pick_bounds: np.ndarray, n_genes: int, length: int,
+            depth_t: np.ndarray, depth_s: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A block's outputs as their entries that are not zero, grouped by cell (``Scattered``): token positions and
+    values of ``target_values``, of ``values`` (``encoder_mask`` is True at the same positions), and the positions of
+    ``value_mask``. Cell ``i``'s entries are ``bounds[i]:bounds[i + 1]`` (raw count > 0; ``x`` / ``y`` their input
+    / target values), its tokens ``i·length + column``, then T and S at ``i·length + n_genes`` and ``+ 1``; its
+    zero-mask picks are ``picks[pick_bounds[i]:pick_bounds[i + 1]]`` (``i·n_genes + column``)."""
+    n = len(bounds) - 1
+    specials = 2 if length > n_genes else 0
+    t_idx = np.empty(bounds[n] + specials * n, dtype=np.int64)
+    t_val = np.empty(len(t_idx), dtype=np.float32)
+    v_idx = np.empty(len(t_idx), dtype=np.int64)
+    v_val = np.empty(len(t_idx), dtype=np.float32)
+    m_idx = np.empty(bounds[n] + len(picks), dtype=np.int64)
+    expressed = np.zeros(n_genes, dtype=np.bool_)  # columns of the cell with c' > 0
+    a = b = m = 0
+    for i in range(n):
+        first = i * length
+        for e in range(bounds[i], bounds[i + 1]):
+            at = first + column[e]
+            t_idx[a], t_val[a] = at, y[e]
+            a += 1
+            if thinned[e] > 0:
+                expressed[column[e]] = True
+                if masked[e]:
+                    m_idx[m] = at
+                    m += 1
+                else:
+                    v_idx[b], v_val[b] = at, x[e]
+                    b += 1
+        if specials:  # T and S: the target row is the raw cell, so its S is T
+            for k in range(2):
+                t_idx[a + k] = v_idx[b + k] = first + n_genes + k
+                t_val[a + k] = depth_t[i]
+            v_val[b], v_val[b + 1] = depth_t[i], depth_s[i]
+            a, b = a + 2, b + 2
+        for j in range(pick_bounds[i], pick_bounds[i + 1]):  # zero masking: drawn columns with c' == 0
+            col = picks[j] - i * n_genes
+            if not expressed[col]:
+                m_idx[m] = first + col
+                m += 1
+        for e in range(bounds[i], bounds[i + 1]):
+            expressed[column[e]] = False
+    return t_idx[:a], t_val[:a], v_idx[:b], v_val[:b], m_idx[:m]

@@ -14,6 +14,7 @@ definition the tests replay.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment (2⁶⁴ / φ, odd)
@@ -40,6 +41,15 @@ def mix64(z: np.ndarray) -> np.ndarray:
         np.right_shift(c, np.uint64(31), out=t)
         c ^= t
     return z
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def mix64_one(z: np.uint64) -> np.uint64:
+    """``mix64`` of one uint64, inside compiled kernels (inlined into them: numba's cache of a kernel does not see a
+    change made here, so this must never change; the tests check every kernel's draws against the reference)."""
+    x = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def purpose_key(seeds: np.ndarray | int, purpose: int) -> np.ndarray:
