@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.data import stream as stream_module
-from scfm.data.batching import Batching, collate
+from scfm.data.batching import Batching, collate, token_bytes
 from scfm.data.datamodule import CellDataModule, _as_is
 from scfm.data.stream import CellStream, SharedBatches
 from scfm.encodings.continuous import ContinuousEncoding
@@ -226,7 +226,7 @@ def test_datamodule_workers_send_blocks_of_the_same_batches(synthetic_corpus, mo
     the batches are kept (the workers' buffers cannot be reused) or dropped as they come (they are)."""
     make = (lambda: RankEncoding(max_len=64)) if encoding == "rank" else (lambda: ContinuousEncoding(max_genes=64))
     dm = CellDataModule(make(), {"batch_size": 16}, corpus=str(synthetic_corpus.path), val_fraction=0.0,
-                        num_workers=2, progress=False, message_tokens=2_500)  # 2 batches of 16 × 64 per message
+                        num_workers=2, progress=False, message_bytes=40_000)  # rank: 2 batches of 16 × 64 × 17 B
     dm.setup()
     got = [b if hold else b.clone() for b in dm.train_dataloader()]
     inner = CellStream(synthetic_corpus, make().bind(synthetic_corpus), Batching(batch_size=16), val_fraction=0.0)
@@ -244,7 +244,7 @@ def _two_worker_loader(corpus, state=None):
     """The DataModule's training loader over ``corpus`` with 2 workers (rank, 64 tokens, batches of 16, 3 batches per
     message)."""
     dm = CellDataModule(RankEncoding(max_len=64), {"batch_size": 16}, corpus=str(corpus.path), val_fraction=0.0,
-                        num_workers=2, progress=False, message_tokens=3_500)
+                        num_workers=2, progress=False, message_bytes=60_000)
     dm.setup()
     dl = dm.train_dataloader()
     if state is not None:
@@ -275,10 +275,29 @@ def test_messages_cut_every_rank_and_worker_alike(synthetic_corpus, monkeypatch,
     sizes = []
     for rank in range(2):
         s = stream(synthetic_corpus, strategy=strategy, batch_size=16, max_len=64, world_size=2, rank=rank,
-                   message_tokens=2_500)
+                   message_bytes=50_000)  # 2 batches of 16 × 64 tokens: padded 17 B a token, packed 24 B
         s.send_shared = True
         sizes.append([len(m) for m in s])
     assert sizes[0] == sizes[1] and set(sizes[0][:-1]) == {2}
+
+
+@pytest.mark.parametrize(("encoding", "per_token"), [("rank", 17), ("continuous", 10)])
+def test_messages_hold_as_many_batches_as_fit_in_message_bytes(synthetic_corpus, monkeypatch, encoding, per_token):
+    """Bytes per token: rank lays out gene_ids and positions (int64) and padding_mask; continuous lays out values,
+    target_values (float32) and two masks, while its gene_ids, token_kind, positions and padding_mask are one row."""
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    enc = RankEncoding(max_len=64) if encoding == "rank" else ContinuousEncoding(max_genes=62)  # 64 tokens a cell
+    s = CellStream(synthetic_corpus, enc.bind(synthetic_corpus), Batching(batch_size=16), val_fraction=0.0,
+                   message_bytes=100_000)
+    shards, cells, _, batches = s.plan(0, 0, 1)
+    base = np.concatenate([[0], np.cumsum(synthetic_corpus.shard_sizes)])
+    part = s.encode_cells(shards[batches[0]], cells[batches[0]], base, 0)
+    assert token_bytes(part, "padded") == per_token
+    s.send_shared = True
+    messages = list(s)
+    assert len(messages) > 2 and {len(m) for m in messages[:-1]} == {100_000 // (16 * 64 * per_token)}
+    for m in messages:  # what the buffer holds: the batches' per-token bytes, plus rows and per-cell arrays
+        assert sum(end - start for spec in m.specs for *_, start, end in spec) <= 100_000 + len(m) * 2_000
 
 
 def test_resume_of_a_resumed_loader_before_and_after_its_first_batch(synthetic_corpus, monkeypatch):
@@ -302,11 +321,11 @@ def test_small_shared_memory_is_warned_about(tmp_path, monkeypatch):
     from scfm.data import datamodule
 
     monkeypatch.setattr(datamodule.shutil, "disk_usage", lambda _: type("U", (), {"free": 10 << 20}))
-    with pytest.warns(UserWarning, match=r"10 MB free.*--shm-size.*message_tokens \(now 524288\)"):
-        datamodule._check_shared_memory(2, 1 << 19, str(tmp_path))
+    with pytest.warns(UserWarning, match=r"10 MB free.*--shm-size.*message_bytes \(now 16777216\)"):
+        datamodule._check_shared_memory(2, 1 << 24, str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        datamodule._check_shared_memory(2, 1 << 15, str(tmp_path))  # smaller messages fit
+        datamodule._check_shared_memory(2, 1 << 20, str(tmp_path))  # smaller messages fit
     monkeypatch.setattr(datamodule.shutil, "disk_usage", lambda _: type("U", (), {"free": 1 << 40}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -208,6 +208,17 @@ def batch_layout(encoded: dict[str, Any], strategy: str) -> dict[str, tuple[tupl
     return layout
 
 
+def token_bytes(encoded: dict[str, Any], strategy: str) -> int:
+    """Bytes ``collate`` lays out per token of a batch of ``encoded`` (rows every cell shares, per-cell arrays and
+    ``cu_seqlens`` are not per token)."""
+    layout = batch_layout(encoded, strategy)
+    rows = set(encoded.get("rows", {})) if strategy != "packed" else set()
+    not_per_token = {*encoded.get("cell", {}), "lengths", "cu_seqlens"} | rows
+    if rows:
+        not_per_token |= {"positions", "padding_mask"}
+    return sum(dtype.itemsize for k, (_, dtype) in layout.items() if k not in not_per_token)
+
+
 def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """``collate`` as numpy arrays (the batch's keys, shapes and dtypes, before they become tensors). ``out``: arrays

@@ -16,7 +16,7 @@ from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProc
 
 from scfm.corpus import Corpus
 from scfm.data.batching import Batching, batch_to
-from scfm.data.stream import _POOL, MESSAGE_TOKENS, CellStream, SharedBatches, worker_init_fn
+from scfm.data.stream import _POOL, MESSAGE_BYTES, CellStream, SharedBatches, worker_init_fn
 from scfm.errors import ScfmInputError
 
 
@@ -30,7 +30,7 @@ class CellDataModule(L.LightningDataModule):
         batching: a ``Batching`` (or its fields as a dict).
         val_fraction / split_column: deterministic split by cell-id hash, or by the corpus's ``split`` column.
         num_workers: loader worker processes; each encodes its own share of cells.
-        message_tokens: laid-out tokens per message a worker sends (shared memory; the same on every rank).
+        message_bytes: bytes of batches per message a worker sends (shared memory; the same on every rank).
         conditions: condition tokens to add to batches: ``cell_type``, ``batch``, ``perturbation``, ``modality``.
     """
 
@@ -39,7 +39,7 @@ class CellDataModule(L.LightningDataModule):
                  cache_dir: str | None = None, val_fraction: float = 0.1, split_column: str | None = None,
                  num_workers: int = 0, seed: int = 0, chunk_cells: int = 256, buffer_cells: int = 8192,
                  verify: bool = False, progress: bool = True, conditions: list[str] | None = None,
-                 message_tokens: int = MESSAGE_TOKENS) -> None:
+                 message_bytes: int = MESSAGE_BYTES) -> None:
         super().__init__()
         if (corpus is None) == (builtin is None):
             raise ScfmInputError("give exactly one of data.corpus (a folder made by scfm-prepare) and data.builtin",
@@ -52,7 +52,7 @@ class CellDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.chunk_cells, self.buffer_cells, self.verify, self.progress = chunk_cells, buffer_cells, verify, progress
         self.conditions = list(conditions or [])
-        self.message_tokens = message_tokens
+        self.message_bytes = message_bytes
         self.corpus: Corpus | None = None
         self.train_set: CellStream | None = None
         self.val_set: CellStream | None = None
@@ -85,7 +85,7 @@ class CellDataModule(L.LightningDataModule):
         common = dict(corpus=corpus, encoding=self.encoding, batching=self.batching, val_fraction=self.val_fraction,
                       split_column=self.split_column, seed=self.seed, chunk_cells=self.chunk_cells,
                       buffer_cells=self.buffer_cells, world_size=world, rank=rank, conditions=self.conditions,
-                      message_tokens=self.message_tokens)
+                      message_bytes=self.message_bytes)
         self.train_set = CellStream(split="train", **common)
         self.val_set = CellStream(split="val", **common)
         self.train_set.num_workers = self.val_set.num_workers = self.num_workers
@@ -133,7 +133,7 @@ class _Loader(StatefulDataLoader):
     def _get_iterator(self):
         if self.num_workers and isinstance(self.dataset, CellStream):  # fresh workers: fresh buffer-pool flags
             self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
-            _check_shared_memory(self.num_workers, self.dataset.message_tokens)
+            _check_shared_memory(self.num_workers, self.dataset.message_bytes)
         return super()._get_iterator()
 
     def __iter__(self):
@@ -164,15 +164,15 @@ class _Loader(StatefulDataLoader):
         super().load_state_dict(state)
 
 
-def _check_shared_memory(num_workers: int, message_tokens: int, folder: str = "/dev/shm") -> None:
-    """Warn when the shared-memory file system looks too small for the workers' buffers (about 3 of up to
-    ``message_tokens`` laid-out tokens each per worker, ~30 bytes a token): a worker that runs out dies of SIGBUS."""
-    need = num_workers * 3 * message_tokens * 32
+def _check_shared_memory(num_workers: int, message_bytes: int, folder: str = "/dev/shm") -> None:
+    """Warn when the shared-memory file system looks too small for the workers' buffers (about 3 messages of up to
+    ``message_bytes`` each per worker): a worker that runs out dies of SIGBUS."""
+    need = num_workers * 3 * message_bytes
     if os.path.isdir(folder) and (free := shutil.disk_usage(folder).free) < need:
         warnings.warn(f"{folder} has {free / 2**20:.0f} MB free; {num_workers} loader worker(s) may need up to "
                       f"~{need / 2**20:.0f} MB of shared memory for their batches, and a worker that runs out dies "
                       f"with 'Bus error'. Fix: give the container more (docker run --shm-size=1g), or lower "
-                      f"data.message_tokens (now {message_tokens}) or data.num_workers", stacklevel=3)
+                      f"data.message_bytes (now {message_bytes}) or data.num_workers", stacklevel=3)
 
 
 def _as_is(batch):

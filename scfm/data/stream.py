@@ -33,14 +33,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scfm.corpus import Corpus
-from scfm.data.batching import Batching, as_batch, batch_layout, collate, collate_arrays
+from scfm.data.batching import Batching, as_batch, batch_layout, collate, collate_arrays, token_bytes
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
 _BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells, ~60 MB of arrays).
 # Encodings are vectorised over a block: ~100 numpy calls of fixed cost per block, amortised over its cells.
-MESSAGE_TOKENS = 1 << 19  # default: a loader worker sends batches in messages of up to this many laid-out tokens
-# (~16 MB: ~30 bytes per token); batches of batch_size × max_len: bin 36 per message, rank 21, continuous 2
+MESSAGE_BYTES = 1 << 24  # default: a loader worker sends batches in messages of up to this many bytes (16 MiB);
+# batches of batch_size 12 at the papers' lengths: bin 40 per message, rank 40, continuous 7
 
 
 _POOL = 6  # shared-memory buffers per loader worker, reused once the main process has dropped their batches
@@ -81,7 +81,7 @@ def _release(in_use: torch.Tensor, worker: int, slot: int) -> None:
 class SharedBatches:
     """Consecutive batches of one loader worker, laid out in one shared-memory buffer.
 
-    A worker sends one of these per ``message_tokens`` laid-out tokens instead of one batch at a time: one
+    A worker sends one of these per ``message_bytes`` of batches instead of one batch at a time: one
     file-descriptor hand-over (~0.5 ms) and one round of the loader's per-item bookkeeping (~0.3 ms) serve ~10
     batches, and the main process copies nothing: ``batches()`` cuts tensor views out of the buffer."""
 
@@ -133,7 +133,7 @@ class CellStream(IterableDataset):
                  val_fraction: float = 0.1, split_column: str | None = None, seed: int = 0,
                  shuffle: bool | None = None, chunk_cells: int = 256, buffer_cells: int = 8192,
                  world_size: int = 1, rank: int = 0, conditions: Sequence[str] = (),
-                 message_tokens: int = MESSAGE_TOKENS) -> None:
+                 message_bytes: int = MESSAGE_BYTES) -> None:
         if split not in ("train", "val", "test"):
             raise ScfmInputError(f"split must be train, val or test, not {split!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -143,9 +143,9 @@ class CellStream(IterableDataset):
         self.seed, self.shuffle = seed, (split == "train") if shuffle is None else shuffle
         self.chunk_cells, self.buffer_cells = chunk_cells, buffer_cells
         self.world_size, self.rank = world_size, rank
-        if message_tokens < 1:
-            raise ScfmInputError(f"data.message_tokens={message_tokens} must be >= 1")
-        self.message_tokens = message_tokens  # per loader-worker message (see ``SharedBatches``)
+        if message_bytes < 1:
+            raise ScfmInputError(f"data.message_bytes={message_bytes} must be >= 1")
+        self.message_bytes = message_bytes  # per loader-worker message (see ``SharedBatches``)
         self.num_workers = 0  # set by the DataModule; used only by __len__
         self.send_shared = False  # True: loader workers yield ``SharedBatches`` (the DataModule's loader splits them)
         self.unserved: dict[int, int] = {}  # set by that loader on resume: per worker, batches to serve again
@@ -348,12 +348,13 @@ class CellStream(IterableDataset):
                                  firsts) if len(order) else sizes  # stored (non-zero) tokens: what reading costs
         # Blocks of consecutive batches are read and encoded at once (cells are encoded independently, so the result
         # does not depend on the grouping), cut from the plan alone. A loader worker sends its batches in messages of
-        # ``per_message``, a number the same for every worker and rank: a resumed run sends the messages of the
-        # uninterrupted one (its first: the rest of the message being served), and under DDP every rank's workers stand
-        # at the same batch after the same number of steps (Lightning saves rank 0's loader state for all ranks).
+        # ``per_message``, a number the same for every worker and rank (it depends on the config and the encoding's
+        # output dtypes alone): a resumed run sends the messages of the uninterrupted one (its first: the rest of the
+        # message being served), and under DDP every rank's workers stand at the same batch after the same number of
+        # steps (Lightning saves rank 0's loader state for all ranks).
         widest = self.batching.budget(self.encoding.max_len) if strategy == "packed" else \
             self.batching.batch_size * self.encoding.max_len  # laid-out tokens of a batch, at most
-        per_message = max(1, self.message_tokens // widest)
+        per_message = 0  # set from the first batch's bytes per token
         blocks = _cut((tokens, _BLOCK_ENCODED), (stored, _BLOCK_TOKENS))
         pending: list[dict[str, Any]] = []
         for first, end in itertools.pairwise(blocks):
@@ -372,6 +373,7 @@ class CellStream(IterableDataset):
                     yield collate(part, strategy)
                     continue
                 pending.append(part)
+                per_message = per_message or max(1, self.message_bytes // (widest * token_bytes(part, strategy)))
                 if (j + 1) % per_message == 0 or j + 1 == len(batches):
                     self._served = j + 1
                     yield SharedBatches(pending, strategy, worker.id, pool)

@@ -108,7 +108,6 @@ DOWNSAMPLE, THIN, MASK, ZERO = 11, 12, 13, 14
 _SMALL_COUNT = 16  # counts up to this invert through a per-(γ, c) table of F and S; above, by bdtr / bdtrc
 _LOOKUP = 64  # counts below this normalise through a per-cell table of log1p values
 _LOOKUP_COUNTS = np.arange(_LOOKUP, dtype=np.float64)
-_TAIL = 1024  # small-count entries still unresolved when this few: one pass over their whole CDF row
 _ZERO_SD, _ZERO_SLACK = 3.0, 8  # zero-mask picks made room for: mean + _ZERO_SD sd + _ZERO_SLACK per cell (tests
 # shrink them: the room only changes speed)
 
@@ -141,30 +140,16 @@ def binomial_quantile(u: np.ndarray, c: np.ndarray, group: np.ndarray, rates: np
     ``u`` in [0, 1), ``0 <= c < 2³¹`` integers, ``rates`` in [0, 1] (one per group, e.g. per cell). ``F(k) > u`` is
     evaluated as written for ``u < 1/2`` and as ``S(k) < 1 − u`` (``S = 1 − F``, exact ``1 − u``) above, so both
     tails are resolved to float64's relative precision. Counts <= ``_SMALL_COUNT`` compare with a table of ``F``
-    and ``S`` per (rate, c), stepping k up from 0 for the entries not yet resolved (most within a few steps); larger
+    and ``S`` per (rate, c), stepping k up from 0 (a compiled loop; most stop within a few steps); larger
     counts use ``scipy.special.bdtr`` / ``bdtrc`` around a Cornish-Fisher guess (``_large_quantile``)."""
     u = np.asarray(u, dtype=np.float64)
     c = np.asarray(c, dtype=np.int64)
     group = np.asarray(group, dtype=np.int64)
     rates = np.asarray(rates, dtype=np.float64)
     out = np.zeros(len(c), dtype=np.int64)
-    upper = u >= 0.5
     small = c <= _SMALL_COUNT
     if small.any():
-        table = _small_cdf_table(rates)
-        pos = np.flatnonzero(small)
-        w = u[pos]
-        up = upper[pos]
-        w -= up  # upper tail: F(k) <= u  <=>  −S(k) <= u − 1 (exact)
-        at = ((up * len(rates) + group[pos]) * (_SMALL_COUNT + 1) + c[pos]) * _SMALL_COUNT  # row of (tail, γ, c)
-        k = 0
-        while len(pos) > _TAIL:  # entries still in have c' >= k; they leave at the first k with F(k) > u
-            out[pos] = k
-            go = np.flatnonzero(w >= table[at + k])  # (integer takes: boolean indexing is ~5x slower here)
-            pos, at, w = pos[go], at[go], w[go]
-            k += 1
-        if len(pos):  # the few left: c' = k + #{j >= k : F(j) <= u} (F rises with j; the table stops them at c)
-            out[pos] = k + (w[:, None] >= table[at[:, None] + np.arange(k, _SMALL_COUNT)]).sum(1)
+        _small_quantiles(u, c, group, _small_cdf_table(rates), len(rates), out)
     large = np.flatnonzero(~small)
     if len(large):
         g = rates[group[large]]
@@ -172,6 +157,23 @@ def binomial_quantile(u: np.ndarray, c: np.ndarray, group: np.ndarray, rates: np
         large = large[(g > 0.0) & (g < 1.0) & (u[large] > 0.0)]  # u = 0: F(0) > 0, so Q = 0
         out[large] = _large_quantile(u[large], c[large], rates[group[large]])
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _small_quantiles(u: np.ndarray, c: np.ndarray, group: np.ndarray, table: np.ndarray, n_rates: int,
+                     out: np.ndarray) -> None:
+    """``Q`` into ``out`` for the entries with ``c <= _SMALL_COUNT``: the first k whose ``F(k) > u`` in the entry's row
+    of ``_small_cdf_table`` (rows rise to 2.0 / 1.0 at k = c, which stops the search)."""
+    for e in range(len(c)):
+        if c[e] > _SMALL_COUNT:
+            continue
+        upper = u[e] >= 0.5
+        w = u[e] - 1.0 if upper else u[e]  # upper tail: F(k) <= u  <=>  −S(k) <= u − 1 (exact)
+        at = ((upper * n_rates + group[e]) * (_SMALL_COUNT + 1) + c[e]) * _SMALL_COUNT  # row of (tail, γ, c)
+        k = 0
+        while w >= table[at + k]:
+            k += 1
+        out[e] = k
 
 
 def _guess(u: np.ndarray, n: np.ndarray, g: np.ndarray) -> np.ndarray:
