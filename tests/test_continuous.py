@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +289,25 @@ def test_large_count_search_does_not_depend_on_the_guess(monkeypatch):
     monkeypatch.undo()
     ref = [quantile_ref(float(a), int(b), float(r)) for a, b, r in zip(u, n, g)]
     np.testing.assert_array_equal(good, ref)
+
+
+def test_kernels_stay_in_bounds_and_take_tiny_rates(tmp_path):
+    """Recompiled with bounds checks and without optimisation (a fresh cache): every count kept (c = 16 = the table's
+    width, the last rate's row) reads no entry past its row, and a tiny ``mask_zero`` gives an infinite first gap
+    (float, not an int64 overflow) instead of a loop that never ends."""
+    code = (
+        "import numpy as np\n"
+        "from scfm.encodings.continuous import binomial_quantile, zero_mask_columns\n"
+        "rng = np.random.default_rng(0)\n"
+        "c = rng.integers(0, 17, 5000); rates = np.array([0.3, 0.9999]); group = rng.integers(0, 2, 5000)\n"
+        "q = binomial_quantile(rng.random(5000), c, group, rates)\n"
+        "assert ((q >= 0) & (q <= c)).all()\n"
+        "print(binomial_quantile(np.array([0.99]), np.array([16]), np.array([1]), rates)[0])\n"
+        "print(len(zero_mask_columns(np.arange(3, dtype=np.uint64), 1000, 1e-20)))\n")
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_OPT": "0", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["16", "0"]
 
 
 def test_zero_mask_draws_do_not_depend_on_the_room_made_for_them(pbmc_corpus, monkeypatch):

@@ -114,8 +114,8 @@ _ZERO_SD, _ZERO_SLACK = 3.0, 8  # zero-mask picks made room for: mean + _ZERO_SD
 
 def _small_cdf_table(rates: np.ndarray) -> np.ndarray:
     """``F(k)`` then ``−S(k)`` per rate, for ``c <= _SMALL_COUNT`` and ``k < c``: flat ``[2, len(rates), c, k]``,
-    each a sum of ``C(c, i) γ^i (1 − γ)^(c − i)`` over ``i <= k`` (F) or ``i > k`` (S: accurate near 1); 2.0 / 1.0
-    where ``k >= c`` (never reached: ``Q <= c``)."""
+    each a sum of ``C(c, i) γ^i (1 − γ)^(c − i)`` over ``i <= k`` (F) or ``i > k`` (S: accurate near 1); entries
+    with ``k >= c`` are never read (``Q <= c``)."""
     k = np.arange(_SMALL_COUNT + 1)
     gp = rates[:, None] ** k  # γ^i
     hp = (1.0 - rates)[:, None] ** k  # (1 − γ)^j
@@ -124,14 +124,12 @@ def _small_cdf_table(rates: np.ndarray) -> np.ndarray:
     np.cumsum(pmf[:, :, :-1], axis=2, out=out[0])
     np.cumsum(pmf[:, :, :0:-1], axis=2, out=out[1][:, :, ::-1])  # S(k) = Σ_{i > k}
     np.negative(out[1], out=out[1])
-    out[0][:, _K_GE_C], out[1][:, _K_GE_C] = 2.0, 1.0
     return out.reshape(-1)
 
 
 _K = np.arange(_SMALL_COUNT + 1)
 _BINOM_COEF = special.comb(_K[:, None], _K[None, :], exact=False) * (_K[None, :] <= _K[:, None])  # C(c, i)
 _C_MINUS_K = np.maximum(_K[:, None] - _K[None, :], 0)  # (1 − γ)'s power c − i (0 where i > c: pmf 0 there)
-_K_GE_C = _K[None, :-1] >= _K[:, None]  # [c, k]: k >= c
 
 
 def binomial_quantile(u: np.ndarray, c: np.ndarray, group: np.ndarray, rates: np.ndarray) -> np.ndarray:
@@ -163,7 +161,7 @@ def binomial_quantile(u: np.ndarray, c: np.ndarray, group: np.ndarray, rates: np
 def _small_quantiles(u: np.ndarray, c: np.ndarray, group: np.ndarray, table: np.ndarray, n_rates: int,
                      out: np.ndarray) -> None:
     """``Q`` into ``out`` for the entries with ``c <= _SMALL_COUNT``: the first k whose ``F(k) > u`` in the entry's row
-    of ``_small_cdf_table`` (rows rise to 2.0 / 1.0 at k = c, which stops the search)."""
+    of ``_small_cdf_table``, at most c."""
     for e in range(len(c)):
         if c[e] > _SMALL_COUNT:
             continue
@@ -171,7 +169,7 @@ def _small_quantiles(u: np.ndarray, c: np.ndarray, group: np.ndarray, table: np.
         w = u[e] - 1.0 if upper else u[e]  # upper tail: F(k) <= u  <=>  −S(k) <= u − 1 (exact)
         at = ((upper * n_rates + group[e]) * (_SMALL_COUNT + 1) + c[e]) * _SMALL_COUNT  # row of (tail, γ, c)
         k = 0
-        while w >= table[at + k]:
+        while k < c[e] and w >= table[at + k]:  # Q <= c: the row holds k < _SMALL_COUNT only
             k += 1
         out[e] = k
 
@@ -271,7 +269,7 @@ def _zero_picks(keys: np.ndarray, n_genes: int, denom: float, room: int) -> np.n
         while True:  # x_i = x_{i−1} + floor(log(1 − u(i)) / log1p(−p)) + 1, u(i) from output i
             z += np.uint64(GOLDEN)
             u = np.float64(mix64_one(z) >> np.uint64(11)) * 2.0**-53
-            x += math.floor(math.log(1.0 - u) / denom) + 1.0  # a tiny p: a gap beyond every column, up to inf
+            x += np.floor(math.log(1.0 - u) / denom) + 1.0  # float: a tiny p gives a gap past every column, or inf
             if x >= n_genes:
                 break
             if m == len(out):
@@ -433,8 +431,14 @@ class ContinuousEncoding:
         self._row_ids = np.concatenate([self._tokens, np.zeros(self.n_specials, np.int64)]).astype(np.int32)
         self._row_kind = np.concatenate([np.zeros(len(self._tokens), np.int8),
                                          np.arange(1, self.n_specials + 1, dtype=np.int8)])
+        self._compile()
+        return self
+
+    def _compile(self) -> None:
+        """Compile the kernels (or load them from numba's cache) here, in the process that forks the loader workers,
+        which then inherit the machine code."""
         self.encode(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(2, np.int64), np.zeros(1, np.int64))
-        return self  # (that empty cell compiled ``_layout``, or loaded it from numba's cache, before workers fork)
+        binomial_quantile(np.zeros(1), np.ones(1, np.int64), np.zeros(1, np.int64), np.full(1, 0.5))
 
     def lengths(self, shard) -> np.ndarray:
         """Encoded length of every cell of a shard: always ``max_len``."""
