@@ -6,7 +6,8 @@ source file is the baseline's input unless ``--h5ad``); or ``--builtin pbmc3k`` 
 
 - scfm: ``CellDataModule(encoding, {"strategy": "random", "batch_size": 12}, val_fraction=0, num_workers=W)``,
   ``setup()`` then one pass over ``train_dataloader()``, counting cells (``len(lengths)``) and tokens
-  (``lengths.sum()``). The clock includes worker start-up (``first_batch_s`` is reported apart).
+  (``lengths.sum()``). The clock includes worker start-up (``first_batch_s`` is reported apart). ``--read``: the main
+  process also reads every batch once (``read_batch``), as the copy to a GPU of a training step would.
 - baseline (same run, same machine): a map-style ``Dataset`` over ``anndata.read_h5ad(path, backed="r")`` whose
   ``__getitem__`` reads one row and encodes it (rank: count / total × 10⁴ / corpus gene median, argsort
   descending, first ``max_len``), in a ``DataLoader(batch_size=12, num_workers=0, collate_fn=pad)`` over
@@ -156,7 +157,14 @@ def baseline(h5ad: Path, corpus: Corpus, spec: EncodingSpec, max_len: int, n_cel
     return {"cells": cells, "s": dt, "cells_per_s": cells / dt, "tokens_per_cell": tokens / cells}
 
 
-def scfm_epoch(corpus: Path, encoding: Any, workers: int) -> dict[str, float]:
+def read_batch(batch: Any) -> None:
+    """What copying a batch to a GPU costs the main process: every byte read once (a row that every cell shares, a
+    stride-0 view, once: ``batch_to``)."""
+    for t in batch.values():
+        (t[:1] if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0 else t).clone()
+
+
+def scfm_epoch(corpus: Path, encoding: Any, workers: int, read: bool = False) -> dict[str, float]:
     dm = CellDataModule(encoding, {"strategy": "random", "batch_size": 12}, corpus=str(corpus),
                         val_fraction=0.0, num_workers=workers, progress=False)
     dm.setup()
@@ -169,6 +177,8 @@ def scfm_epoch(corpus: Path, encoding: Any, workers: int) -> dict[str, float]:
         if first is None:
             first = time.perf_counter() - t
         lengths = batch["lengths"]
+        if read:
+            read_batch(batch)
         cells += len(lengths)
         tokens += int(lengths.sum())
         batches += 1
@@ -215,6 +225,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--baseline-cells", type=int, default=2_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--read", action="store_true", help="the main process reads every batch (as a copy to a GPU would)")
     args = ap.parse_args()
     corpus_path, h5ad, label = resolve(args)
     spec = ENCODINGS[args.encoding]
@@ -227,7 +238,7 @@ def main() -> None:
     base = baseline(h5ad, corpus, spec, args.max_len, args.baseline_cells, args.seed)
     log(f"baseline: {base['cells']:,} cells in {base['s']:.2f} s = {base['cells_per_s']:,.0f} cells/s")
     for w in args.workers:
-        r = scfm_epoch(corpus_path, spec.make(args.max_len), w)
+        r = scfm_epoch(corpus_path, spec.make(args.max_len), w, args.read)
         cps = r["cells"] / r["s"]
         row = {"case": f"{args.encoding}_W{w}", "num_workers": w, "cells_per_s": round(cps),
                "tokens_per_s": round(r["tokens"] / r["s"]), "baseline_cells_per_s": round(base["cells_per_s"]),
@@ -238,7 +249,7 @@ def main() -> None:
                "cpu_s": round(r["cpu_s"], 3), "cells_per_cpu_s": round(r["cells"] / r["cpu_s"]),
                "first_batch_s": round(r["first_batch_s"], 3), "baseline_cells": base["cells"],
                "baseline_s": round(base["s"], 3), "baseline_tokens_per_cell": round(base["tokens_per_cell"], 1),
-               "nproc": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+               "nproc": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "read_batches": args.read}
         row["pass"] = {"cells_per_s_per_worker": row["cells_per_s_per_worker"] >= PER_WORKER_TARGET[args.encoding],
                        "speedup": row["speedup"] >= TARGETS["speedup"]}
         log(f"W={w}: {r['cells']:,} cells in {r['s']:.2f} s = {cps:,.0f} cells/s")
