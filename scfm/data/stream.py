@@ -37,7 +37,7 @@ from scfm.data.batching import Batching, as_batch, batch_layout, collate, collat
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
-_BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells, ~60 MB of arrays).
+_BLOCK_ENCODED = 1 << 22  # and up to this many encoded tokens (encoding=continuous: ~200 cells).
 # Encodings are vectorised over a block: ~100 numpy calls of fixed cost per block, amortised over its cells.
 MESSAGE_BYTES = 1 << 24  # default: a loader worker sends batches in messages of up to this many bytes (16 MiB);
 # batches of batch_size 12 at the papers' lengths: bin 40 per message, rank 40, continuous 7
