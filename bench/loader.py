@@ -44,6 +44,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from scfm.corpus import Corpus, PrepareOptions, is_corpus, prepare
+from scfm.data.batching import is_shared_row
 from scfm.data.datamodule import CellDataModule
 from scfm.encodings.bin import BinEncoding
 from scfm.encodings.continuous import ContinuousEncoding
@@ -161,7 +162,7 @@ def read_batch(batch: Any) -> None:
     """What copying a batch to a GPU costs the main process: every byte read once (a row that every cell shares, a
     stride-0 view, once: ``batch_to``)."""
     for t in batch.values():
-        (t[:1] if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0 else t).clone()
+        (t[:1] if is_shared_row(t) else t).clone()
 
 
 def scfm_epoch(corpus: Path, encoding: Any, workers: int, read: bool = False) -> dict[str, float]:

@@ -131,8 +131,8 @@ class Scattered:
         return Scattered(self.index[lo:hi] - a, self.values[lo:hi], b - a)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = np.zeros(self.size, dtype=dtype or self.dtype)
-        out[self.index] = self.values
+        out = np.empty(self.size, dtype=dtype or self.dtype)
+        self.put(out)
         return out
 
     def put(self, out: np.ndarray) -> None:
@@ -172,11 +172,16 @@ def batch_to(batch: TensorDict, device: torch.device | str, non_blocking: bool =
     there: ``Tensor.to`` would first write it out B times in this process (``encoding=continuous``: ~2/3 of a
     batch's bytes)."""
     def move(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0:
+        if is_shared_row(t):
             return t[:1].to(device, non_blocking=non_blocking).expand_as(t)
         return t.to(device, non_blocking=non_blocking)
 
     return TensorDict({k: move(t) for k, t in batch.items()}, batch_size=batch.batch_size, device=None)
+
+
+def is_shared_row(t: torch.Tensor) -> bool:
+    """Whether a batch tensor is a row every cell shares: a stride-0 [B, L] view (``as_batch``)."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0
 
 
 def batch_layout(encoded: dict[str, Any], strategy: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
