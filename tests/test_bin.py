@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -416,3 +419,35 @@ def test_draws_are_the_cells_splitmix64_outputs_sampled_by_smallest(lengths, k, 
     np.testing.assert_array_equal(high, (bits[want] >> np.uint64(32)).astype(np.int64))
     if len(lengths) and lengths[0]:
         assert int(bits[lengths[0] - 1]) == splitmix64_reference(int(keys[0]), int(lengths[0]))[-1]
+
+
+def test_kernels_stay_in_bounds(tmp_path):
+    """Recompiled with bounds checks (a fresh cache): the branch-free sampling (it writes every position, at the slot
+    after the last kept one) on tie-heavy keys, deep, shallow and empty cells, ``<cls>`` and zero genes; the padded
+    layout's kernels on ragged cells."""
+    code = (
+        "import numpy as np\n"
+        "from scfm.corpus import Corpus\n"
+        "from scfm.data.batching import collate_arrays\n"
+        "from scfm.encodings.bin import BinEncoding, _smallest\n"
+        "from scfm.vocab import Vocab\n"
+        "rng = np.random.default_rng(0)\n"
+        "lengths = np.array([0, 5, 40, 3, 40, 1])\n"
+        "bits = rng.integers(0, 2**64, lengths.sum(), dtype=np.uint64, endpoint=False) & np.uint64(0xFFFF00000007)\n"
+        "assert _smallest(bits, lengths, 4).sum() == 4 + 4 + 3 + 4 + 1\n"
+        "vocab = Vocab.build([f'G{i:03d}' for i in range(60)])\n"
+        "corpus = type('C', (), {'vocab': vocab})()\n"
+        "offsets = np.concatenate([[0], np.cumsum(lengths)])\n"
+        "genes = np.concatenate([4 + np.sort(rng.choice(60, n, replace=False)) for n in lengths])\n"
+        "counts = rng.integers(1, 300, len(genes))\n"
+        "for zeros in (False, True):\n"
+        "    enc = BinEncoding(max_len=7, include_zero_genes=zeros).bind(corpus)\n"
+        "    totals = np.full(len(lengths), counts.sum())\n"
+        "    out = enc.encode(genes, counts, offsets, totals, np.arange(6, dtype=np.uint64))\n"
+        "    batch = collate_arrays(out, 'padded')\n"
+        "    assert batch['gene_ids'].shape == (6, 7)\n"
+        "print('ok')\n")
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["ok"]

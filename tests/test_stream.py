@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import operator
 import pickle
 import warnings
@@ -16,7 +17,7 @@ from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from scfm.data import stream as stream_module
-from scfm.data.batching import Batching, collate, token_bytes
+from scfm.data.batching import Batching, collate, collate_arrays, token_bytes
 from scfm.data.datamodule import CellDataModule, _as_is
 from scfm.data.stream import CellStream, SharedBatches
 from scfm.encodings.continuous import ContinuousEncoding
@@ -79,6 +80,26 @@ def test_batches_are_tensordicts_with_the_padded_layout(pbmc_corpus):
     assert B == 12 and int(b["lengths"].max()) == L
     assert torch.equal(b["padding_mask"].sum(1), b["lengths"])
     assert (b["gene_ids"][~b["padding_mask"]] == 0).all() and (b["gene_ids"][b["padding_mask"]] >= 4).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.float64, np.float32, np.bool_])
+def test_padded_layout_equals_a_plain_per_cell_copy(dtype):
+    """Ragged cells (an empty one included) of every token dtype: row c holds cell c's tokens, then the pad (gene_ids:
+    ``pad_id``, others 0), in the batch dtype; the mask and positions cover exactly the real tokens."""
+    rng = np.random.default_rng(1)
+    lengths = np.array([7, 0, 1, 12, 3])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(1, 9, offsets[-1]).astype(dtype)
+    out = collate_arrays({"gene_ids": values.copy(), "x": values, "offsets": offsets}, "padded", pad_id=-5)
+    want_dtype = {"i": np.int64, "u": np.int64, "b": np.bool_}.get(np.dtype(dtype).kind, np.float32)
+    for key, pad in (("gene_ids", -5), ("x", 0)):
+        want = np.full((5, 12), pad, dtype=want_dtype)
+        for c, (a, b) in enumerate(itertools.pairwise(offsets)):
+            want[c, :b - a] = values[a:b]
+        assert out[key].dtype == want_dtype
+        np.testing.assert_array_equal(out[key], want)
+    np.testing.assert_array_equal(out["padding_mask"], np.arange(12) < lengths[:, None])
+    np.testing.assert_array_equal(out["positions"], np.where(out["padding_mask"], np.arange(12), 0))
 
 
 def test_batch_content_equals_encoding_of_those_cells(pbmc_corpus):

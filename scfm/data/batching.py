@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from tensordict import TensorDict
@@ -248,9 +249,6 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
         out["cu_seqlens"][:] = offsets
     else:
         width = out["positions"].shape[1]
-        cols = np.arange(width)
-        mask = out["padding_mask"]  # [B, L] (or [1, L] with rows), row-major order = the cells' flat order
-        np.less(cols, lengths[:len(mask), None], out=mask)
         full = n > 0 and bool((lengths == width).all())  # e.g. encoding=continuous: nothing to pad
         for k in token_keys:
             if full and fresh and not isinstance(encoded[k], Scattered):  # no copy when the dtype is the batch's
@@ -258,16 +256,49 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
             elif full:
                 _put(out[k].reshape(-1), encoded[k])
             else:
-                out[k].fill(pad_id if k == "gene_ids" else 0)
-                out[k][mask] = encoded[k]
-        if full:
-            out["positions"][:] = cols
+                _pad_rows(out[k], np.asarray(encoded[k]), offsets, pad_id if k == "gene_ids" else 0)
+        if full or not n:  # [B, L], or [1, L] with rows
+            out["padding_mask"][:] = True
+            out["positions"][:] = np.arange(width)
         else:
-            np.multiply(cols, mask, out=out["positions"])
+            _mask_positions(out["padding_mask"], out["positions"], offsets)
     out["lengths"][:] = lengths
     for k, v in encoded.get("cell", {}).items():
         out[k][...] = v
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _pad_rows(out: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, pad: int) -> None:
+    """Row c of ``out`` [B, L] = cell c's tokens (``tokens[offsets[c]:offsets[c + 1]]``), then ``pad``. One pass,
+    where numpy's fill and boolean-mask assignment cost ~3x as much (``encoding=bin``: ~9 µs per cell)."""
+    for c in range(out.shape[0]):
+        a, m = offsets[c], offsets[c + 1] - offsets[c]
+        for j in range(m):
+            out[c, j] = tokens[a + j]
+        for j in range(m, out.shape[1]):
+            out[c, j] = pad
+
+
+@numba.njit(cache=True, nogil=True)
+def _mask_positions(mask: np.ndarray, positions: np.ndarray, offsets: np.ndarray) -> None:
+    """``padding_mask`` (True: a real token) and ``positions`` (0 on padding) of a padded batch, in one pass."""
+    for c in range(mask.shape[0]):
+        m = offsets[c + 1] - offsets[c]
+        for j in range(mask.shape[1]):
+            mask[c, j] = j < m
+            positions[c, j] = j if j < m else 0
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's cache) the layout kernels for the usual dtypes, in the process that forks the
+    loader workers: they inherit the machine code instead of each loading it at every epoch."""
+    offsets = np.array([0, 1], dtype=np.int64)
+    for out_dtype, token_dtypes in ((np.int64, (np.int64, np.int32)), (np.float32, (np.float32,)),
+                                    (np.bool_, (np.bool_,))):
+        for token_dtype in token_dtypes:
+            _pad_rows(np.zeros((1, 2), out_dtype), np.zeros(1, token_dtype), offsets, 0)
+    _mask_positions(np.zeros((1, 2), np.bool_), np.zeros((1, 2), np.int64), offsets)
 
 
 def _put(out: np.ndarray, tokens: np.ndarray | Scattered) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from scfm.corpus import Corpus
-from scfm.data.batching import Batching, as_batch, batch_layout, collate, collate_arrays, token_bytes
+from scfm.data.batching import Batching, as_batch, batch_layout, collate, collate_arrays, compile_kernels, token_bytes
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,
@@ -159,6 +159,7 @@ class CellStream(IterableDataset):
         self._codes: dict[tuple[int, str], np.ndarray] = {}
         self._lengths: dict[int, np.ndarray] = {}
         self._fewest_packs: dict[tuple[int, int], int] = {}
+        compile_kernels()  # here, in the process that forks the loader workers (they inherit the machine code)
         if split_column is not None and "split" not in corpus.columns:
             raise ScfmInputError(f"split_column={split_column!r} but the corpus has no 'split' column "
                                  f"(its label columns: {corpus.columns})",
@@ -392,7 +393,7 @@ class CellStream(IterableDataset):
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(ends - starts, out=offsets[1:])
         # a cell's tokens are one contiguous slice: concatenating slices (plain ndarray views) is ~2x faster than
-        # one fancy-index gather over the block
+        # one fancy-index gather over the block, and as fast as a compiled copy (memory-bound: ~3.6 µs per cell)
         spans = list(zip([of_shard[s] for s in shards.tolist()], starts.tolist(), ends.tolist()))
         if n:
             genes = np.concatenate([x.gene_ids[a:b] for x, a, b in spans])

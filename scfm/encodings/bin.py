@@ -40,9 +40,10 @@ runs of equal values come from a (cell, count) table — a dense range of small 
 on the count), ``np.unique`` for the few larger ones — and tokens are never sorted. numpy's
 ``quantile`` is repeated for each cell's n_bins − 1 edges with the same float64 operations (its rounding
 artifacts included); an edge lies between two neighbouring order statistics a <= edge <= b and is compared
-with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The draws and the sampling are
-one compiled (numba) pass per cell, ``_draws``: each output is made, its low half goes to an exact radix select of
-the ``max_len − 1`` smallest keys, the high half of the kept ones is returned (ascending token order, no sort).
+with those two only; ``left`` / ``right`` of a run are counts of the edges below it. The draws, the sampling and
+the output are one compiled (numba) pass per cell, ``_encode_kept``: the cell's outputs are made, their low halves
+go to an exact radix select of the ``max_len − 1`` smallest keys, and the kept tokens are written with the bin their
+high half picks (ascending token order, no sort).
 """
 
 from __future__ import annotations
@@ -255,10 +256,16 @@ def bin_bounds(counts: np.ndarray, offsets: np.ndarray, scale: np.ndarray,
 @numba.njit(cache=True, nogil=True)
 def _kth_of_cell(low: np.ndarray, k: int, hist: np.ndarray) -> tuple[int, int]:
     """For ``len(low) > k`` 32-bit keys: (the k-th smallest, how many keys equal to it are kept), exactly. Radix select:
-    a histogram of the top 12 bits finds the bucket holding it (~1 key for a cell of 4,000), which is sorted."""
-    hist[:] = 0
+    a histogram of the top bits (about one bucket per key, at most ``len(hist)``) finds the bucket holding it, which
+    is sorted."""
+    n = len(low)
+    bits = 1
+    while (1 << bits) < n and (2 << bits) <= len(hist):
+        bits += 1
+    shift = 32 - bits
+    hist[:1 << bits] = 0
     for v in low:
-        hist[v >> 20] += 1
+        hist[v >> shift] += 1
     below, b = 0, 0
     while below + hist[b] < k:
         below += hist[b]
@@ -266,7 +273,7 @@ def _kth_of_cell(low: np.ndarray, k: int, hist: np.ndarray) -> tuple[int, int]:
     bucket = np.empty(hist[b], dtype=np.uint32)
     j = 0
     for v in low:
-        if v >> 20 == b:
+        if v >> shift == b:
             bucket[j] = v
             j += 1
     bucket.sort()
@@ -279,84 +286,112 @@ def _kth_of_cell(low: np.ndarray, k: int, hist: np.ndarray) -> tuple[int, int]:
 
 
 @numba.njit(cache=True, nogil=True)
+def _keep_smallest(low: np.ndarray, k: int, hist: np.ndarray, kept: np.ndarray) -> int:
+    """The sampling rule on one cell's keys: writes the positions of the ``k`` smallest of ``low`` (ties of equal keys
+    to the lower position; all of them when ``len(low) <= k``) to ``kept`` (room for ``len(low)``), ascending, and
+    returns how many. The compaction is branch-free: every position is written, at the slot after the last kept."""
+    n = len(low)
+    if n <= k:
+        for i in range(n):
+            kept[i] = i
+        return n
+    kth, ties = _kth_of_cell(low, k, hist)
+    m = 0
+    for i in range(n):
+        v = low[i]
+        tie = v == kth
+        keep = (v < kth) | (tie & (ties > 0))
+        kept[m] = i
+        m += keep
+        ties -= tie & keep
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
 def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     """Sampling: whether each candidate is among its cell's ``k`` with the smallest keys, where candidate j's key is
-    (low 32 bits of its output, j): ties of the 32-bit part go to the lower position. ``bits`` flat, cell by cell;
-    cells of at most ``k`` candidates keep all. The rule on given outputs: ``_draws`` fuses it with making them
-    (the tests check both, this one with tie-heavy outputs)."""
-    keep = np.ones(len(bits), dtype=np.bool_)
+    (low 32 bits of its output, j): ``_keep_smallest`` on given outputs, cell by cell (``bits`` flat). The tests
+    check the rule here with tie-heavy outputs."""
+    keep = np.zeros(len(bits), dtype=np.bool_)
+    longest = lengths.max() if len(lengths) else 0
     hist = np.empty(4096, dtype=np.int64)
+    kept = np.empty(longest, dtype=np.int64)
     start = 0
     for n in lengths:
-        if n > k:
-            low = (bits[start:start + n] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-            kth, ties = _kth_of_cell(low, k, hist)
-            for i in range(n):
-                keep[start + i] = low[i] < kth or (low[i] == kth and ties > 0)
-                if low[i] == kth and ties > 0:
-                    ties -= 1
+        low = (bits[start:start + n] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        for j in range(_keep_smallest(low, k, hist, kept)):
+            keep[start + kept[j]] = True
         start += n
     return keep
 
 
 @numba.njit(cache=True, nogil=True)
+def _cell_draws(key: np.uint64, n: int, low: np.ndarray, top: np.ndarray) -> None:
+    """Outputs ``0 … n − 1`` of a cell's SplitMix64 sequence from state ``key`` (``rng.cell_bits``): output
+    i = mix64(key + (i + 1)·GOLDEN), its low half to ``low[i]`` (the sampling key), its high half to ``top[i]``."""
+    z = key
+    for i in range(n):
+        z += np.uint64(GOLDEN)
+        x = mix64_one(z)
+        low[i] = np.uint32(x & np.uint64(0xFFFFFFFF))
+        top[i] = np.uint32(x >> np.uint64(32))
+
+
+@numba.njit(cache=True, nogil=True)
 def _draws(keys: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``_smallest`` fused with the draws: each cell's SplitMix64 outputs from ``keys[c]`` (``rng.cell_bits``) are
-    made here, one at a time. Returns the kept candidates (flat positions, ascending) and the high 32 bits of their
-    outputs (the tie uniforms)."""
+    """Each cell's draws (``_cell_draws`` from ``keys[c]``), sampled by ``_keep_smallest``: the kept candidates (flat
+    positions, ascending) and the high 32 bits of their outputs (the tie uniforms)."""
     total = 0
     for n in lengths:
         total += min(n, k)
     index = np.empty(total, dtype=np.int64)
     high = np.empty(total, dtype=np.int64)
     longest = lengths.max() if len(lengths) else 0
-    low = np.empty(longest, dtype=np.uint32)
-    top = np.empty(longest, dtype=np.uint32)
-    hist = np.empty(4096, dtype=np.int64)
+    low, top = np.empty(longest, dtype=np.uint32), np.empty(longest, dtype=np.uint32)
+    hist, kept = np.empty(4096, dtype=np.int64), np.empty(longest, dtype=np.int64)
     start = out = 0
     for c in range(len(lengths)):
         n = lengths[c]
-        z = keys[c]
-        for i in range(n):  # output i = mix64(key + (i + 1)·GOLDEN)
-            z += np.uint64(GOLDEN)
-            x = mix64_one(z)
-            low[i] = np.uint32(x & np.uint64(0xFFFFFFFF))
-            top[i] = np.uint32(x >> np.uint64(32))
-        kth, ties = (np.uint32(0xFFFFFFFF), n) if n <= k else _kth_of_cell(low[:n], k, hist)
-        for i in range(n):
-            if low[i] < kth or (low[i] == kth and ties > 0):
-                if low[i] == kth:
-                    ties -= 1
-                index[out] = start + i
-                high[out] = top[i]
-                out += 1
+        _cell_draws(keys[c], n, low, top)
+        for j in range(_keep_smallest(low[:n], k, hist, kept)):
+            index[out] = start + kept[j]
+            high[out] = top[kept[j]]
+            out += 1
         start += n
     return index, high
 
 
 @numba.njit(cache=True, nogil=True)
-def _kept_tokens(index: np.ndarray, high: np.ndarray, kept: np.ndarray, gene_ids: np.ndarray, token_run: np.ndarray,
+def _encode_kept(keys: np.ndarray, lengths: np.ndarray, k: int, gene_ids: np.ndarray, token_run: np.ndarray,
                  run_left: np.ndarray, run_right: np.ndarray, run_value: np.ndarray, head: int, cls_id: int,
                  cls_value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The encoded tokens, flat: ``kept[c]`` tokens per cell (``index``: their positions; ``high``: the high halves of
-    their draws), each cell led by ``<cls>`` (id ``cls_id``, bin 0, ``cls_value``) when ``head``. scGPT's tie rule
+    """The encoded tokens, flat: each cell's draws (``_draws``, fused: no per-token intermediate arrays), then its
+    kept tokens, led by ``<cls>`` (id ``cls_id``, bin 0, ``cls_value``) when ``head``. scGPT's tie rule
     ``ceil(u·(right − left) + left)`` with ``u = high / 2³²`` is ``left − ⌊high · (left − right) / 2³²⌋``."""
-    n = len(index) + head * len(kept)
-    genes, bins, values = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float32)
-    o = k = 0
-    for c in range(len(kept)):
+    total = 0
+    for n in lengths:
+        total += min(n, k) + head
+    genes, bins, values = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
+    longest = lengths.max() if len(lengths) else 0
+    low, top = np.empty(longest, dtype=np.uint32), np.empty(longest, dtype=np.uint32)
+    hist, kept = np.empty(4096, dtype=np.int64), np.empty(longest, dtype=np.int64)
+    start = o = 0
+    for c in range(len(lengths)):
+        n = lengths[c]
         if head:
             genes[o], bins[o], values[o] = cls_id, 0, cls_value
             o += 1
-        for _ in range(kept[c]):
-            t = index[k]
+        _cell_draws(keys[c], n, low, top)
+        for j in range(_keep_smallest(low[:n], k, hist, kept)):
+            i = kept[j]
+            t = start + i
             r = token_run[t]
             left = run_left[r]
             genes[o] = gene_ids[t]
-            bins[o] = left - ((high[k] * (left - run_right[r])) >> 32)  # < 2³² · n_bins: no overflow
+            bins[o] = left - ((np.int64(top[i]) * (left - run_right[r])) >> 32)  # < 2³² · n_bins: no overflow
             values[o] = run_value[r]
             o += 1
-            k += 1
+        start += n
     return genes, bins, values
 
 
@@ -479,10 +514,9 @@ class BinEncoding:
         # output i of the cell's sequence for its i-th non-zero gene; without include_zero_genes, keep the tokens whose
         # keys are among their cell's ``room`` smallest (token order)
         draws = len(gene_ids) if self.include_zero_genes else room  # with zero genes: every non-zero one is kept
-        index, high = _draws(keys, lens, draws)
         head = 0 if self.include_zero_genes else int(self.append_cls)
-        parts = _kept_tokens(index, high, np.minimum(lens, draws), gene_ids, token_run, run_left, run_right, run_value,
-                             head, self.cls_id or 0, self.cls_value)
+        parts = _encode_kept(keys, lens, draws, gene_ids, token_run, run_left, run_right, run_value, head,
+                             self.cls_id or 0, self.cls_value)
         kept = np.minimum(candidates, room)
         out_offsets = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(kept + int(self.append_cls), out=out_offsets[1:])
