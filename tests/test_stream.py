@@ -376,6 +376,22 @@ def test_datamodule_epochs_and_val(synthetic_corpus):
     assert not set(val.tolist()) & set(torch.cat(e0).tolist())
 
 
+def test_loader_reads_shard_facts_before_it_forks_its_workers(synthetic_corpus, monkeypatch):
+    """Split membership and lengths of every shard are read in the main process, once: the workers of every epoch
+    inherit them (a worker that read a shard again would count in its own copy, unseen here)."""
+    dm = CellDataModule(RankEncoding(max_len=256), {"strategy": "random", "batch_size": 32},
+                        corpus=str(synthetic_corpus.path), val_fraction=0.1, num_workers=1)
+    dm.setup("fit")
+    calls = []
+    read = dm.train_set.encoding.lengths
+    monkeypatch.setattr(dm.train_set.encoding, "lengths", lambda shard: calls.append(1) or read(shard))
+    for epoch in range(2):
+        dm.set_epoch(epoch)
+        assert sum(len(b["cell_index"]) for b in dm.train_dataloader()) > 0
+    n = synthetic_corpus.n_shards
+    assert len(calls) == n and sorted(dm.train_set._lengths) == sorted(dm.train_set._members) == list(range(n))
+
+
 @pytest.mark.parametrize("strategy", ["random", "length_grouped"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_len_is_the_number_of_batches(pbmc_corpus, strategy, workers):

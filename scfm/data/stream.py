@@ -249,6 +249,14 @@ class CellStream(IterableDataset):
             self._lengths[shard] = np.asarray(self.encoding.lengths(self.corpus.shard(shard)), dtype=np.int64)
         return self._lengths[shard]
 
+    def read_shard_facts(self) -> None:
+        """Read what every epoch's plan needs of every shard (split membership, encoded lengths) now. The DataModule's
+        loader calls this before it forks its workers, which inherit the result: each worker would otherwise read it
+        again at every epoch (~0.2 s per worker on 100k cells: obs tables, a pass over the counts)."""
+        for shard in range(self.corpus.n_shards):
+            self.members(shard)
+            self.lengths(shard)
+
     def consumer(self) -> tuple[int, int]:
         """(index, count) of this reader among all ranks × loader workers."""
         info = get_worker_info()
