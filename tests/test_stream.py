@@ -20,6 +20,7 @@ from scfm.data import stream as stream_module
 from scfm.data.batching import Batching, collate, collate_arrays, token_bytes
 from scfm.data.datamodule import CellDataModule, _as_is
 from scfm.data.stream import CellStream, SharedBatches
+from scfm.encodings.bin import BinEncoding
 from scfm.encodings.continuous import ContinuousEncoding
 from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
@@ -374,6 +375,36 @@ def test_datamodule_epochs_and_val(synthetic_corpus):
     val = torch.cat([b["cell_index"] for b in dm.val_dataloader()])
     assert not torch.equal(e0[0], e1[0])
     assert not set(val.tolist()) & set(torch.cat(e0).tolist())
+
+
+def compiled_signatures() -> dict[str, set[str]]:
+    """Every numba kernel of the package and the argument types it has machine code for, in this process."""
+    import numba
+
+    from scfm.data import batching
+    from scfm.encodings import bin as bin_module
+    from scfm.encodings import continuous, rank, rng
+    return {f"{m.__name__}.{k}": {str(sig) for sig in v.signatures}
+            for m in (batching, stream_module, bin_module, continuous, rank, rng) for k, v in vars(m).items()
+            if isinstance(v, numba.core.registry.CPUDispatcher)}
+
+
+@pytest.mark.parametrize("encoding", ["rank", "bin", "continuous"])
+def test_loader_workers_compile_nothing(pbmc_corpus, monkeypatch, encoding):
+    """What a worker runs has machine code in the process that forks it, once the DataModule is set up: a kernel
+    typed anew (say, for a read-only array) would be loaded again in every worker at every epoch (~50 ms each)."""
+    encodings = {"rank": RankEncoding(max_len=300), "bin": BinEncoding(max_len=200),
+                 "continuous": ContinuousEncoding(max_genes=3000)}
+    dm = CellDataModule(encodings[encoding], {"strategy": "random", "batch_size": 5},
+                        corpus=str(pbmc_corpus.path), val_fraction=0.1, num_workers=1)
+    dm.setup("fit")
+    before = compiled_signatures()
+    s = dm.train_set
+    s.send_shared, s.in_use = True, torch.zeros((1, stream_module._POOL), dtype=torch.bool)
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    assert len(next(iter(s))) > 1  # one message, as a worker sends it
+    after = compiled_signatures()
+    assert {k: v - before.get(k, set()) for k, v in after.items() if v - before.get(k, set())} == {}
 
 
 def test_loader_reads_shard_facts_before_it_forks_its_workers(synthetic_corpus, monkeypatch):

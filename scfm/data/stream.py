@@ -154,6 +154,7 @@ class CellStream(IterableDataset):
         self._served = 0  # batches served in the current epoch by this consumer
         self._skip = 0  # batches to skip on the next iteration (set by load_state_dict)
         self._members: dict[int, np.ndarray] = {}
+        self._member_index: dict[int, np.ndarray] = {}
         self.conditions = tuple(conditions)
         self._check_conditions()
         self._codes: dict[tuple[int, str], np.ndarray] = {}
@@ -244,6 +245,12 @@ class CellStream(IterableDataset):
                 self._members[shard] = is_val if self.split == "val" else ~is_val
         return self._members[shard]
 
+    def member_index(self, shard: int) -> np.ndarray:
+        """Positions (ascending) of the shard's cells that belong to this split."""
+        if shard not in self._member_index:
+            self._member_index[shard] = np.flatnonzero(self.members(shard))
+        return self._member_index[shard]
+
     def lengths(self, shard: int) -> np.ndarray:
         if shard not in self._lengths:
             self._lengths[shard] = np.asarray(self.encoding.lengths(self.corpus.shard(shard)), dtype=np.int64)
@@ -254,7 +261,7 @@ class CellStream(IterableDataset):
         loader calls this before it forks its workers, which inherit the result: each worker would otherwise read it
         again at every epoch (~0.2 s per worker on 100k cells: obs tables, a pass over the counts)."""
         for shard in range(self.corpus.n_shards):
-            self.members(shard)
+            self.member_index(shard)
             self.lengths(shard)
 
     def consumer(self) -> tuple[int, int]:
@@ -265,13 +272,20 @@ class CellStream(IterableDataset):
 
     def cell_order(self, epoch: int, consumer: int, n_consumers: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard, index-in-shard) of the cells this consumer serves in ``epoch``, in order."""
-        chunks = [(s, lo, min(lo + self.chunk_cells, n)) for s, n in enumerate(self.corpus.shard_sizes)
-                  for lo in range(0, int(n), self.chunk_cells)]
+        sizes = [int(n) for n in self.corpus.shard_sizes]
+        chunk_shard = np.repeat(np.arange(len(sizes)), [-(-n // self.chunk_cells) for n in sizes])
+        chunk_lo = np.concatenate([np.arange(0, n, self.chunk_cells) for n in sizes]) if sizes else chunk_shard
+        # a chunk's members: a range of its shard's member positions (ascending), from two binary searches
+        first_member, counts = np.empty(len(chunk_lo), np.int64), np.empty(len(chunk_lo), np.int64)
+        for shard, n in enumerate(sizes):
+            sel = chunk_shard == shard
+            chunk_hi = np.minimum(chunk_lo[sel] + self.chunk_cells, n)
+            a, b = np.searchsorted(self.member_index(shard), [chunk_lo[sel], chunk_hi])
+            first_member[sel], counts[sel] = a, b - a
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle:
-            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
-        members = [np.nonzero(self.members(s)[lo:hi])[0] + lo for s, lo, hi in chunks]
-        counts = np.array([len(m) for m in members], dtype=np.int64)
+            perm = rng.permutation(len(chunk_lo))
+            chunk_shard, first_member, counts = chunk_shard[perm], first_member[perm], counts[perm]
         total = int(counts.sum())
         workers = n_consumers // self.world_size
         per_rank = total // self.world_size
@@ -281,10 +295,11 @@ class CellStream(IterableDataset):
         ends = np.cumsum(counts)
         first, last = np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi, side="left")
         shard_ids, cells = [], []
-        for c in range(first, min(last + 1, len(chunks))):
+        for c in range(first, min(last + 1, len(counts))):
             start = ends[c] - counts[c]
-            part = members[c][max(lo - start, 0):max(min(hi - start, counts[c]), 0)]
-            shard_ids.append(np.full(len(part), chunks[c][0], dtype=np.int64))
+            a, b = first_member[c] + max(lo - start, 0), first_member[c] + max(min(hi - start, counts[c]), 0)
+            part = self.member_index(int(chunk_shard[c]))[a:max(a, b)]
+            shard_ids.append(np.full(len(part), chunk_shard[c], dtype=np.int64))
             cells.append(part)
         shard_arr = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int64)
         cell_arr = np.concatenate(cells) if cells else np.zeros(0, np.int64)
@@ -427,17 +442,16 @@ def _epoch_key(seed: int, epoch: int) -> np.uint64:
 
 def _cut(*weights_and_caps: tuple[np.ndarray, int]) -> np.ndarray:
     """Boundaries of consecutive groups of items, greedily: an item starts a new group when adding it would take any
-    group total over its cap (a single item may exceed it). ``[0, ..., n]``."""
-    bounds, totals = [0], [0] * len(weights_and_caps)
-    columns = [w.tolist() for w, _ in weights_and_caps]
-    caps = [c for _, c in weights_and_caps]
-    for i, item in enumerate(zip(*columns)):
-        if i > bounds[-1] and any(t + x > c for t, x, c in zip(totals, item, caps)):
-            bounds.append(i)
-            totals = [0] * len(caps)
-        totals = [t + x for t, x in zip(totals, item)]
-    n = len(columns[0]) if columns else 0
-    return np.array([*bounds, n] if n else [0], dtype=np.int64)
+    group total over its cap (a single item may exceed it). ``[0, ..., n]``. Weights are >= 0: a group's end is a
+    binary search in each weight's running sum."""
+    n = len(weights_and_caps[0][0]) if weights_and_caps else 0
+    sums = [(np.concatenate([[0], np.cumsum(w, dtype=np.int64)]), cap) for w, cap in weights_and_caps]
+    bounds = [0]
+    while bounds[-1] < n:
+        i = bounds[-1]
+        end = min(int(np.searchsorted(total, total[i] + cap, side="right")) - 1 for total, cap in sums)
+        bounds.append(max(end, i + 1))
+    return np.array(bounds, dtype=np.int64)
 
 
 def _gather_per_shard(per_shard: Callable[[int], np.ndarray], shards: np.ndarray, cells: np.ndarray) -> np.ndarray:

@@ -450,13 +450,16 @@ class BinEncoding:
 
     def _compile(self, corpus) -> None:
         """Encode the corpus's first cells once: the kernels are compiled (or loaded from numba's cache) for the
-        corpus's dtypes here, in the process that forks the loader workers, which then inherit the machine code."""
+        corpus's dtypes here, in the process that forks the loader workers, which then inherit the machine code.
+        The cells are copied out of the shard, as the loader reads them: numba types a read-only memory map apart,
+        and each worker would load the kernels again at every epoch (~50 ms)."""
         if not getattr(corpus, "n_shards", 0) or not corpus.shard_sizes[0]:
             return
         shard, start = corpus.shard(0), time.perf_counter()
-        offsets = np.asarray(shard.offsets[:min(3, int(corpus.shard_sizes[0]) + 1)], dtype=np.int64)
+        offsets = np.array(shard.offsets[:min(3, int(corpus.shard_sizes[0]) + 1)], dtype=np.int64)
         end = int(offsets[-1])
-        self.encode(shard.gene_ids[:end], shard.counts[:end], offsets, shard.total_counts[:len(offsets) - 1])
+        self.encode(np.array(shard.gene_ids[:end]), np.array(shard.counts[:end]), offsets,
+                    np.array(shard.total_counts[:len(offsets) - 1]))
         if time.perf_counter() - start > 2:
             log.info("encoding=bin: compiled its kernels in %.0f s (cached for the next runs)",
                      time.perf_counter() - start)
