@@ -319,7 +319,8 @@ def test_messages_hold_as_many_batches_as_fit_in_message_bytes(synthetic_corpus,
     messages = list(s)
     assert len(messages) > 2 and {len(m) for m in messages[:-1]} == {100_000 // (16 * 64 * per_token)}
     for m in messages:  # what the buffer holds: the batches' per-token bytes, plus rows and per-cell arrays
-        assert sum(end - start for spec in m.specs for *_, start, end in spec) <= 100_000 + len(m) * 2_000
+        laid_out = sum(np.prod(shape) * np.dtype(dtype).itemsize for spec in m.specs for _, dtype, shape, _ in spec)
+        assert laid_out <= 100_000 + len(m) * 2_000
 
 
 def test_resume_of_a_resumed_loader_before_and_after_its_first_batch(synthetic_corpus, monkeypatch):

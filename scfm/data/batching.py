@@ -14,6 +14,7 @@ already consumed without reading or encoding any cell.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,21 +188,21 @@ def is_shared_row(t: torch.Tensor) -> bool:
 
 def batch_layout(encoded: dict[str, Any], strategy: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Key → (shape, dtype) of each array ``collate_arrays`` lays out, in the batch's key order."""
-    offsets = np.asarray(encoded["offsets"])
-    n, total = len(offsets) - 1, int(offsets[-1])
-    lengths = offsets[1:] - offsets[:-1]
+    bounds = np.asarray(encoded["offsets"]).tolist()  # a batch's few cells: Python's ints are the cheapest here
+    n, total = len(bounds) - 1, bounds[-1]
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
     token_keys = _token_keys(encoded)
     for k in token_keys:
         if len(encoded[k]) != total:
             raise ValueError(f"encoding output {k!r} has {len(encoded[k])} entries for {total} tokens")
     rows = encoded.get("rows", {})
     for k, row in rows.items():
-        if (lengths != len(row)).any():
+        if any(m != len(row) for m in lengths):
             raise ValueError(f"encoding output rows[{k!r}] has {len(row)} entries but cells have {set(lengths)} tokens")
-    grid = (1, total) if strategy == "packed" else (n, int(lengths.max()) if n else 0)
+    grid = (1, total) if strategy == "packed" else (n, max(lengths, default=0))
     row_grid = (1, grid[1]) if strategy != "packed" else grid  # padded: laid out once (``collate``)
-    layout = {k: (grid, np.dtype(_dtype(encoded[k]))) for k in token_keys}
-    layout |= {k: (row_grid, np.dtype(_dtype(row))) for k, row in rows.items()}
+    layout = {k: (grid, _batch_dtype(encoded[k].dtype)) for k in token_keys}
+    layout |= {k: (row_grid, _batch_dtype(row.dtype)) for k, row in rows.items()}
     layout["positions"] = (row_grid if rows else grid, np.dtype(np.int64))
     if strategy == "packed":
         layout["doc_ids"] = (grid, np.dtype(np.int64))
@@ -210,7 +211,8 @@ def batch_layout(encoded: dict[str, Any], strategy: str) -> dict[str, tuple[tupl
         layout["padding_mask"] = (row_grid if rows else grid, np.dtype(np.bool_))
     layout["lengths"] = ((n,), np.dtype(np.int64))
     for k, v in encoded.get("cell", {}).items():
-        layout[k] = (np.shape(v), np.asarray(v).dtype)
+        v = np.asarray(v)
+        layout[k] = (v.shape, v.dtype)
     return layout
 
 
@@ -317,9 +319,10 @@ def _token_keys(encoded: dict[str, Any]) -> list[str]:
     return [k for k in encoded if k not in ("offsets", "cell", "rows")]
 
 
-_DTYPES = {"i": np.int64, "u": np.int64, "b": np.bool_}
+_DTYPES = {"i": np.dtype(np.int64), "u": np.dtype(np.int64), "b": np.dtype(np.bool_)}
+_FLOAT32 = np.dtype(np.float32)
 
 
-def _dtype(a: np.ndarray) -> type:
+def _batch_dtype(dtype: np.dtype) -> np.dtype:
     """The batch dtype of an encoding output: integers int64, booleans bool, everything else float32."""
-    return _DTYPES.get(a.dtype.kind, np.float32)
+    return _DTYPES.get(dtype.kind, _FLOAT32)

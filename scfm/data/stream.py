@@ -87,14 +87,13 @@ class SharedBatches:
 
     def __init__(self, parts: list[dict[str, Any]], strategy: str, worker: int, pool: BufferPool | None = None) -> None:
         """Lay out each encoded part (``collate_arrays``) straight into the buffer."""
-        self.specs: list[list[tuple[str, str, tuple[int, ...], int, int]]] = []  # (key, dtype, shape, start, end)
+        self.specs: list[list[tuple[str, str, tuple[int, ...], int]]] = []  # (key, dtype, shape, start)
         size = 0
         for part in parts:
             spec = []
             for key, (shape, dtype) in batch_layout(part, strategy).items():
-                nbytes = math.prod(shape) * dtype.itemsize
-                spec.append((key, dtype.str, shape, size, size + nbytes))
-                size += -(-nbytes // 64) * 64  # 64-byte aligned
+                spec.append((key, dtype.str, shape, size))
+                size += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned
             self.specs.append(spec)
         self.buffer, self.slot = pool.take(size) if pool is not None else (_shared_buffer(size), -1)
         for part, views in zip(parts, self._views()):
@@ -115,7 +114,7 @@ class SharedBatches:
         if in_use is not None and self.slot >= 0:
             weakref.finalize(flat, _release, in_use, self.worker, self.slot)  # every view's base is ``flat``
         for spec in self.specs:
-            yield {key: flat[start:end].view(dtype).reshape(shape) for key, dtype, shape, start, end in spec}
+            yield {key: np.ndarray(shape, dtype, flat, start) for key, dtype, shape, start in spec}
 
 
 CONDITIONS = ("cell_type", "batch", "perturbation", "modality")
