@@ -316,9 +316,7 @@ def _smallest(bits: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     (low 32 bits of its output, j): ``_keep_smallest`` on given outputs, cell by cell (``bits`` flat). The tests
     check the rule here with tie-heavy outputs."""
     keep = np.zeros(len(bits), dtype=np.bool_)
-    longest = lengths.max() if len(lengths) else 0
-    hist = np.empty(4096, dtype=np.int64)
-    kept = np.empty(longest, dtype=np.int64)
+    _, _, hist, kept = _scratch(lengths)
     start = 0
     for n in lengths:
         low = (bits[start:start + n] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
@@ -341,6 +339,14 @@ def _cell_draws(key: np.uint64, n: int, low: np.ndarray, top: np.ndarray) -> Non
 
 
 @numba.njit(cache=True, nogil=True)
+def _scratch(lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-cell work arrays of ``_cell_draws`` / ``_keep_smallest`` for cells of these lengths: low, top, hist, kept."""
+    longest = lengths.max() if len(lengths) else 0
+    return (np.empty(longest, dtype=np.uint32), np.empty(longest, dtype=np.uint32), np.empty(4096, dtype=np.int64),
+            np.empty(longest, dtype=np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
 def _draws(keys: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's draws (``_cell_draws`` from ``keys[c]``), sampled by ``_keep_smallest``: the kept candidates (flat
     positions, ascending) and the high 32 bits of their outputs (the tie uniforms)."""
@@ -349,9 +355,7 @@ def _draws(keys: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, n
         total += min(n, k)
     index = np.empty(total, dtype=np.int64)
     high = np.empty(total, dtype=np.int64)
-    longest = lengths.max() if len(lengths) else 0
-    low, top = np.empty(longest, dtype=np.uint32), np.empty(longest, dtype=np.uint32)
-    hist, kept = np.empty(4096, dtype=np.int64), np.empty(longest, dtype=np.int64)
+    low, top, hist, kept = _scratch(lengths)
     start = out = 0
     for c in range(len(lengths)):
         n = lengths[c]
@@ -375,9 +379,7 @@ def _encode_kept(keys: np.ndarray, lengths: np.ndarray, k: int, gene_ids: np.nda
     for n in lengths:
         total += min(n, k) + head
     genes, bins, values = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float32)
-    longest = lengths.max() if len(lengths) else 0
-    low, top = np.empty(longest, dtype=np.uint32), np.empty(longest, dtype=np.uint32)
-    hist, kept = np.empty(4096, dtype=np.int64), np.empty(longest, dtype=np.int64)
+    low, top, hist, kept = _scratch(lengths)
     start = o = 0
     for c in range(len(lengths)):
         n = lengths[c]
