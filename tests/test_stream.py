@@ -83,7 +83,7 @@ def test_batches_are_tensordicts_with_the_padded_layout(pbmc_corpus):
     assert (b["gene_ids"][~b["padding_mask"]] == 0).all() and (b["gene_ids"][b["padding_mask"]] >= 4).all()
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.float64, np.float32, np.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.float64, np.float32, np.bool_, np.float16, ">i8"])
 def test_padded_layout_equals_a_plain_per_cell_copy(dtype):
     """Ragged cells (an empty one included) of every token dtype: row c holds cell c's tokens, then the pad (gene_ids:
     ``pad_id``, others 0), in the batch dtype; the mask and positions cover exactly the real tokens."""
@@ -101,6 +101,21 @@ def test_padded_layout_equals_a_plain_per_cell_copy(dtype):
         np.testing.assert_array_equal(out[key], want)
     np.testing.assert_array_equal(out["padding_mask"], np.arange(12) < lengths[:, None])
     np.testing.assert_array_equal(out["positions"], np.where(out["padding_mask"], np.arange(12), 0))
+
+
+def test_padded_layout_rejects_cells_that_do_not_fit():
+    """Offsets that step down, tokens fewer than the offsets say, or a batch laid out for narrower cells: an error,
+    never a write outside the batch."""
+    tokens = np.arange(6)
+    with pytest.raises(ValueError, match="ascend"):
+        collate_arrays({"gene_ids": tokens, "offsets": np.array([0, 5, 3, 6])}, "padded")
+    good = {"gene_ids": tokens, "offsets": np.array([0, 2, 6])}
+    out = collate_arrays(good, "padded")
+    narrow = {k: v[:, :3] if v.ndim == 2 else v for k, v in out.items()}
+    with pytest.raises(ValueError, match="width"):
+        collate_arrays(good, "padded", out={k: np.ascontiguousarray(v) for k, v in narrow.items()})
+    with pytest.raises(ValueError, match="fit the tokens"):
+        collate_arrays({"gene_ids": tokens[:4], "offsets": np.array([0, 2, 6])}, "padded", out=out)
 
 
 def test_batch_content_equals_encoding_of_those_cells(pbmc_corpus):

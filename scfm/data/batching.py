@@ -258,7 +258,10 @@ def collate_arrays(encoded: dict[str, Any], strategy: str, pad_id: int = 0,
             elif full:
                 _put(out[k].reshape(-1), encoded[k])
             else:
-                _pad_rows(out[k], np.asarray(encoded[k]), offsets, pad_id if k == "gene_ids" else 0)
+                tokens = np.asarray(encoded[k])
+                if not (tokens.dtype.kind in "iub" or tokens.dtype in _FLOATS) or not tokens.dtype.isnative:
+                    tokens = tokens.astype(out[k].dtype)  # e.g. float16, big-endian: as numpy would cast them
+                _pad_rows(out[k], tokens, offsets, pad_id if k == "gene_ids" else 0)
         if full or not n:  # [B, L], or [1, L] with rows
             out["padding_mask"][:] = True
             out["positions"][:] = np.arange(width)
@@ -277,8 +280,12 @@ _U = np.uint64  # kernels index through an unsigned integer: numba then skips it
 def _pad_rows(out: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, pad: int) -> None:
     """Row c of ``out`` [B, L] = cell c's tokens (``tokens[offsets[c]:offsets[c + 1]]``), then ``pad``. One pass,
     where numpy's fill and boolean-mask assignment cost ~3x as much (``encoding=bin``: ~9 µs per cell)."""
+    if len(offsets) <= out.shape[0]:
+        raise ValueError("collate: fewer cell offsets than rows in the batch")
     for c in range(out.shape[0]):
         a, m, row = offsets[c], offsets[c + 1] - offsets[c], out[c]
+        if a < 0 or m < 0 or m > len(row) or a + m > len(tokens):
+            raise ValueError("collate: cell offsets must ascend from 0 and fit the tokens and the batch's width")
         for j in range(m):
             row[_U(j)] = tokens[_U(a + j)]
         for j in range(m, len(row)):
@@ -288,6 +295,8 @@ def _pad_rows(out: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, pad: int
 @numba.njit(cache=True, nogil=True)
 def _mask_positions(mask: np.ndarray, positions: np.ndarray, offsets: np.ndarray) -> None:
     """``padding_mask`` (True: a real token) and ``positions`` (0 on padding) of a padded batch, in one pass."""
+    if len(offsets) <= mask.shape[0] or mask.shape != positions.shape:
+        raise ValueError("collate: the batch's mask and positions do not match its cells")
     for c in range(mask.shape[0]):
         m, mask_row, position_row = offsets[c + 1] - offsets[c], mask[c], positions[c]
         for j in range(len(mask_row)):
@@ -321,6 +330,7 @@ def _token_keys(encoded: dict[str, Any]) -> list[str]:
 
 _DTYPES = {"i": np.dtype(np.int64), "u": np.dtype(np.int64), "b": np.dtype(np.bool_)}
 _FLOAT32 = np.dtype(np.float32)
+_FLOATS = (_FLOAT32, np.dtype(np.float64))  # token dtypes the layout kernels read as they are
 
 
 def _batch_dtype(dtype: np.dtype) -> np.dtype:

@@ -159,12 +159,13 @@ class CellStream(IterableDataset):
         self._codes: dict[tuple[int, str], np.ndarray] = {}
         self._lengths: dict[int, np.ndarray] = {}
         self._fewest_packs: dict[tuple[int, int], int] = {}
-        compile_kernels()  # here, in the process that forks the loader workers (they inherit the machine code)
         if split_column is not None and "split" not in corpus.columns:
             raise ScfmInputError(f"split_column={split_column!r} but the corpus has no 'split' column "
                                  f"(its label columns: {corpus.columns})",
                                  where=str(corpus.path), fix="prepare with columns.split=<obs column>, "
                                                              "or leave split_column unset to split by cell id")
+        if batching.strategy != "packed":
+            compile_kernels()  # here, in the process that forks the loader workers (they inherit the machine code)
 
     # -- condition tokens ------------------------------------------------------------------------
     def _check_conditions(self) -> None:
@@ -272,15 +273,17 @@ class CellStream(IterableDataset):
     def cell_order(self, epoch: int, consumer: int, n_consumers: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard, index-in-shard) of the cells this consumer serves in ``epoch``, in order."""
         sizes = [int(n) for n in self.corpus.shard_sizes]
-        chunk_shard = np.repeat(np.arange(len(sizes)), [-(-n // self.chunk_cells) for n in sizes])
+        n_chunks = [-(-n // self.chunk_cells) for n in sizes]
+        chunk_shard = np.repeat(np.arange(len(sizes)), n_chunks)
         chunk_lo = np.concatenate([np.arange(0, n, self.chunk_cells) for n in sizes]) if sizes else chunk_shard
         # a chunk's members: a range of its shard's member positions (ascending), from two binary searches
         first_member, counts = np.empty(len(chunk_lo), np.int64), np.empty(len(chunk_lo), np.int64)
+        chunk_first = np.cumsum([0, *n_chunks]).tolist()  # the shards' chunks, in shard order
         for shard, n in enumerate(sizes):
-            sel = chunk_shard == shard
-            chunk_hi = np.minimum(chunk_lo[sel] + self.chunk_cells, n)
-            a, b = np.searchsorted(self.member_index(shard), [chunk_lo[sel], chunk_hi])
-            first_member[sel], counts[sel] = a, b - a
+            a, b = chunk_first[shard], chunk_first[shard + 1]
+            lo = chunk_lo[a:b]
+            first, end = np.searchsorted(self.member_index(shard), [lo, np.minimum(lo + self.chunk_cells, n)])
+            first_member[a:b], counts[a:b] = first, end - first
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle:
             perm = rng.permutation(len(chunk_lo))
@@ -441,8 +444,8 @@ def _epoch_key(seed: int, epoch: int) -> np.uint64:
 
 def _cut(*weights_and_caps: tuple[np.ndarray, int]) -> np.ndarray:
     """Boundaries of consecutive groups of items, greedily: an item starts a new group when adding it would take any
-    group total over its cap (a single item may exceed it). ``[0, ..., n]``. Weights are >= 0: a group's end is a
-    binary search in each weight's running sum."""
+    group total over its cap (a single item may exceed it). ``[0, ..., n]``. Weights are integers >= 0: a group's end
+    is a binary search in each weight's running sum."""
     n = len(weights_and_caps[0][0]) if weights_and_caps else 0
     sums = [(np.concatenate([[0], np.cumsum(w, dtype=np.int64)]), cap) for w, cap in weights_and_caps]
     bounds = [0]
