@@ -281,8 +281,8 @@ class CellStream(IterableDataset):
         chunk_first = np.cumsum([0, *n_chunks]).tolist()  # the shards' chunks, in shard order
         for shard, n in enumerate(sizes):
             a, b = chunk_first[shard], chunk_first[shard + 1]
-            lo = chunk_lo[a:b]
-            first, end = np.searchsorted(self.member_index(shard), [lo, np.minimum(lo + self.chunk_cells, n)])
+            starts = chunk_lo[a:b]
+            first, end = np.searchsorted(self.member_index(shard), [starts, np.minimum(starts + self.chunk_cells, n)])
             first_member[a:b], counts[a:b] = first, end - first
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle:
