@@ -436,7 +436,7 @@ def test_loader_reads_shard_facts_before_it_forks_its_workers(synthetic_corpus, 
         dm.set_epoch(epoch)
         assert sum(len(b["cell_index"]) for b in dm.train_dataloader()) > 0
     n = synthetic_corpus.n_shards
-    assert len(calls) == n and sorted(dm.train_set._lengths) == sorted(dm.train_set._members) == list(range(n))
+    assert len(calls) == n and sorted(dm.train_set._lengths) == sorted(dm.train_set._member_index) == list(range(n))
 
 
 @pytest.mark.parametrize("strategy", ["random", "length_grouped"])

@@ -152,7 +152,6 @@ class CellStream(IterableDataset):
         self.epoch = 0
         self._served = 0  # batches served in the current epoch by this consumer
         self._skip = 0  # batches to skip on the next iteration (set by load_state_dict)
-        self._members: dict[int, np.ndarray] = {}
         self._member_index: dict[int, np.ndarray] = {}
         self.conditions = tuple(conditions)
         self._check_conditions()
@@ -234,19 +233,16 @@ class CellStream(IterableDataset):
 
     # -- plan ------------------------------------------------------------------------------------
     def members(self, shard: int) -> np.ndarray:
-        """Boolean mask of the shard's cells that belong to this split."""
-        if shard not in self._members:
-            if self.split_column is not None:
-                col = self.corpus.obs(shard, columns=["split"])["split"].astype(str).to_numpy()
-                self._members[shard] = col == self.split
-            else:
-                key = self.corpus.obs(shard, columns=["split_key"])["split_key"].to_numpy()
-                is_val = key < self.val_fraction
-                self._members[shard] = is_val if self.split == "val" else ~is_val
-        return self._members[shard]
+        """Boolean mask of the shard's cells that belong to this split (read from the shard's obs table)."""
+        if self.split_column is not None:
+            col = self.corpus.obs(shard, columns=["split"])["split"].astype(str).to_numpy()
+            return col == self.split
+        key = self.corpus.obs(shard, columns=["split_key"])["split_key"].to_numpy()
+        is_val = key < self.val_fraction
+        return is_val if self.split == "val" else ~is_val
 
     def member_index(self, shard: int) -> np.ndarray:
-        """Positions (ascending) of the shard's cells that belong to this split."""
+        """Positions (ascending) of the shard's cells that belong to this split (``members``, read once)."""
         if shard not in self._member_index:
             self._member_index[shard] = np.flatnonzero(self.members(shard))
         return self._member_index[shard]
@@ -322,7 +318,7 @@ class CellStream(IterableDataset):
         if self.batching.strategy == "packed":
             return sum(len(self.plan(self.epoch, self.rank * workers + w, self.world_size * workers)[3])
                        for w in range(workers))
-        total = sum(int(self.members(s).sum()) for s in range(self.corpus.n_shards))
+        total = sum(len(self.member_index(s)) for s in range(self.corpus.n_shards))
         per_rank = total // self.world_size
         shares = [(w + 1) * per_rank // workers - w * per_rank // workers for w in range(workers)]
         return sum(self.batching.n_batches(n) for n in shares)
