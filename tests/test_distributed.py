@@ -134,11 +134,69 @@ def test_two_cpu_processes_with_gloo_match_one_process_with_the_same_global_batc
           max(float((a["state_dict"][n] - b["state_dict"][n]).abs().max()) for n in params))
 
 
+class _Tiny(PretrainingModule):
+    """The shared machinery around one linear layer (no corpus needed)."""
+
+    def __init__(self) -> None:
+        super().__init__(model={}, data={}, lr=2e-3, weight_decay=0.1, betas=(0.8, 0.9))
+        self.layer = torch.nn.Linear(3, 3)
+
+
+def test_fsdp_clips_by_norm_through_its_root_module():
+    """Lightning's FSDP precision plugin refuses to clip by norm (a run with trainer.gradient_clip_val crashed at its
+    first step on a GPU): the norm spans every rank's shard, so the FSDP root module's ``clip_grad_norm_`` computes
+    it. Clipping by value, and every other strategy, go to Lightning's default."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    calls = []
+    fsdp = FSDPStrategy()
+    fsdp.model = SimpleNamespace(clip_grad_norm_=lambda v: calls.append(("root", v)))
+    module = SimpleNamespace(trainer=SimpleNamespace(strategy=fsdp),
+                             clip_gradients=lambda opt, v, algo: calls.append(("lightning", v, algo)))
+    for val, algo in [(1.0, "norm"), (0.5, None), (0.3, "value"), (None, None)]:
+        PretrainingModule.configure_gradient_clipping(module, "opt", val, algo)
+    module.trainer.strategy = DDPStrategy()
+    PretrainingModule.configure_gradient_clipping(module, "opt", 1.0, "norm")
+    assert calls == [("root", 1.0), ("root", 0.5), ("lightning", 0.3, "value"), ("lightning", None, None),
+                     ("lightning", 1.0, "norm")]
+
+
+def test_deepspeed_optimizer_offload_gets_deepspeeds_cpu_adam(monkeypatch):
+    """DeepSpeed refuses a torch optimiser when the optimiser state is offloaded (ZeRO-Offload): the run with
+    strategy=deepspeed_stage_3_offload stopped in deepspeed.initialize. Same groups and hyper-parameters."""
+    import types
+
+    made = []
+
+    class FakeCPUAdam(torch.optim.AdamW):
+        def __init__(self, groups, adamw_mode, **kw):
+            made.append((adamw_mode, kw))
+            super().__init__(groups, **kw)
+
+    adam = types.ModuleType("deepspeed.ops.adam")
+    adam.DeepSpeedCPUAdam = FakeCPUAdam
+    for name, mod in [("deepspeed", types.ModuleType("deepspeed")), ("deepspeed.ops", types.ModuleType("ops")),
+                      ("deepspeed.ops.adam", adam)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    module = _Tiny()
+    for zero, offloaded in [({"stage": 3, "offload_optimizer": {"device": "cpu"}}, True),
+                            ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, True),
+                            ({"stage": 3, "offload_param": {"device": "cpu"}}, False), ({"stage": 2}, False)]:
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(config={"zero_optimization": zero}), max_steps=10)
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert isinstance(optimizer, FakeCPUAdam) == offloaded, zero
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+        assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]  # weight decays, bias does not
+    assert made == [(True, {"lr": 2e-3, "betas": (0.8, 0.9)})] * 2
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(), max_steps=10)  # a strategy with no DeepSpeed config
+    assert type(module.configure_optimizers()["optimizer"]) is torch.optim.AdamW
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("strategy", "precision"), [("single", "bf16-mixed"), ("ddp", "16-mixed"),
                                                      ("fsdp", "bf16-mixed"), ("deepspeed_stage_2", "bf16-mixed"),
-                                                     ("deepspeed_stage_3_offload", "32")])
+                                                     ("deepspeed_stage_3_offload", "32-true")])
 def test_gpu_strategies_and_precisions_train_and_checkpoint(tmp_path, pbmc_corpus, strategy, precision):
     if strategy.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="the `gpu` extra is not installed")

@@ -103,7 +103,7 @@ def test_replace_maps_cuda_only_choices_and_keeps_interpolations():
                       overrides=[])
     assert cfg.attention.kernel == "sdpa" and cfg.model.attention == "sdpa"
     assert OmegaConf.to_container(cfg.model)["attention"] == "${attention.kernel}"  # still follows the group
-    assert str(cfg.precision.value) == "32" and str(cfg.trainer.precision) == "32"
+    assert cfg.precision.value == "32-true" and cfg.trainer.precision == "32-true"
     kept = apply_scale(compose_train("experiment=demo", "scale=tiny", "attention=flex"), overrides=[])
     assert kept.attention.kernel == "flex"
 

@@ -3,6 +3,8 @@ valid alternative; strategy and precision groups compose (the CUDA-only ones val
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,7 @@ def test_defaults_and_demo_validate():
 # ------------------------------------------------------------------------------------------ strategy groups
 def test_the_strategy_and_precision_groups_exist():
     assert set(STRATEGIES) == {"single", "ddp", *CUDA_ONLY}
-    assert {p.stem for p in (Path(conf_dir()) / "precision").glob("*.yaml")} == {"32", "bf16-mixed", "16-mixed"}
+    assert {p.stem for p in (Path(conf_dir()) / "precision").glob("*.yaml")} == {"32-true", "bf16-mixed", "16-mixed"}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -76,6 +78,9 @@ def test_every_strategy_composes_and_builds_its_lightning_strategy(strategy):
     if strategy.startswith("deepspeed"):
         assert cfg.strategy.lightning.stage == int(strategy.split("_")[2])
         assert cfg.strategy.lightning.offload_optimizer == strategy.endswith("offload")
+        # Lightning would read DeepSpeed's micro-batch from the DataLoader's batch_sampler: ours has none (it crashed)
+        seven = config(f"strategy={strategy}", "batching.batch_size=7")
+        assert seven.strategy.lightning.logging_batch_size_per_gpu == 7
         if _missing("deepspeed"):
             return  # Lightning's DeepSpeedStrategy refuses to exist without deepspeed: validation says so first
     built = build_strategy(cfg)
@@ -124,11 +129,30 @@ def test_single_strategy_refuses_several_devices():
     fails(config("trainer.num_nodes=2"), "strategy=single", "strategy=ddp")
 
 
+@pytest.mark.parametrize("choice", ["32-true", "bf16-mixed", "16-mixed"])
+def test_every_precision_choice_composes_from_an_override(choice):
+    assert config(f"precision={choice}").trainer.precision == choice
+
+
+def test_a_numeric_precision_on_the_command_line_is_refused_with_the_names_that_work():
+    """Hydra parses ``precision=32`` as the number 32, which names no config; its own error says neither."""
+    from scfm.cli.train import numeric_group_choice
+
+    assert numeric_group_choice(["experiment=demo", "precision=bf16-mixed", "precision=32-true"]) is None
+    assert numeric_group_choice(["trainer.precision=32"]) is None  # a plain value, not the group
+    assert "reads 16 as a number" in numeric_group_choice(["precision=32-true,16"])
+    proc = subprocess.run([sys.executable, "-m", "scfm.cli.train", "experiment=demo", "precision=32"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "scfm-train: precision=32: Hydra reads 32 as a number" in proc.stderr
+    assert "Fix: use precision=32-true, bf16-mixed or 16-mixed" in proc.stderr
+
+
 def test_strategy_and_precision_nodes_are_typed():
     fails(config("strategy.num_nodes=two"), "config group strategy", "num_nodes")
     fails(config("+strategy.nodes=2"), "config group strategy", "'nodes'")
     fails(config("+precision.bits=16"), "config group precision")
-    fails(config("precision.value=17"), "unknown precision '17'", "precision=32, bf16-mixed or 16-mixed")
+    fails(config("precision.value=17"), "unknown precision '17'", "precision=32-true, bf16-mixed or 16-mixed")
 
 
 @no_cuda

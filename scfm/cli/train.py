@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class StrategyNode:
 class PrecisionNode:
     """Schema of the ``precision`` group (``conf/precision/*.yaml``)."""
 
-    value: str = "32"  # default of trainer.precision
+    value: str = "32-true"  # default of trainer.precision
 
 
 # objective kind -> (encoding kind it needs, what it predicts, the encoding options that fit)
@@ -150,18 +151,19 @@ def _check_hardware(cfg: DictConfig, strategy: DictConfig) -> None:
                              where="config groups strategy + trainer",
                              fix="use strategy=ddp (or fsdp / deepspeed_stage_* on GPUs) for several devices, or "
                                  "trainer.devices=1 trainer.num_nodes=1")
-    precision = str(cfg.trainer.get("precision", "32"))
+    precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in PRECISIONS:
         raise ScfmInputError(f"unknown precision {precision!r}", where="config groups precision + trainer",
-                             fix="use precision=32, bf16-mixed or 16-mixed (trainer.precision follows precision.value)")
+                             fix="use precision=32-true, bf16-mixed or 16-mixed "
+                                 "(trainer.precision follows precision.value)")
     if precision == "16-mixed" and device != "cuda":
         raise ScfmInputError(f"precision={precision} (float16 with loss scaling) needs CUDA; this run is on the "
                              f"{device}", where="config groups precision + trainer",
-                             fix="use precision=bf16-mixed (CPU autocast) or precision=32 here")
+                             fix="use precision=bf16-mixed (CPU autocast) or precision=32-true here")
     if precision.startswith("bf16") and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise ScfmInputError(f"precision={precision} but this GPU ({torch.cuda.get_device_name()}) has no bfloat16",
                              where="config groups precision + trainer",
-                             fix="use precision=16-mixed (float16 with loss scaling) or precision=32")
+                             fix="use precision=16-mixed (float16 with loss scaling) or precision=32-true")
 
 
 def _check_attention(cfg: DictConfig) -> None:
@@ -369,6 +371,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*set_vital.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # ours is exact
+    # our configure_gradient_clipping hands DeepSpeed runs to Lightning's default, so DeepSpeed clips as configured
+    warnings.filterwarnings("ignore", message=".*Since DeepSpeed handles gradient clipping internally.*")
 
 
 def _report(result: dict[str, Any]) -> None:
@@ -396,8 +400,22 @@ def _main(cfg: DictConfig) -> Any:
         raise SystemExit(f"scfm-train: {e}") from None
 
 
+def numeric_group_choice(argv: list[str]) -> str | None:
+    """Why an override like ``precision=32`` cannot work, or None: Hydra parses ``32`` as a number, and a number
+    names no config file (Hydra's own error, "Config group override must be a string or a list", says neither)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        numbers = [v.strip() for v in value.strip("[]").split(",") if v.strip().isdigit()]
+        if key.lstrip("+~") == "precision" and numbers:
+            return (f"{arg}: Hydra reads {numbers[0]} as a number, which names no config of the precision group. "
+                    "Fix: use precision=32-true, bf16-mixed or 16-mixed (Lightning's names).")
+    return None
+
+
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
+    if problem := numeric_group_choice(sys.argv[1:]):
+        raise SystemExit(f"scfm-train: {problem}")
     _main()
 
 

@@ -131,18 +131,42 @@ class PretrainingModule(L.LightningModule):
                 "Fix: lower objective.lr or raise objective.warmup_steps, keep trainer.gradient_clip_val, use "
                 "precision=bf16-mixed instead of 16-mixed, or check the data for extreme values; then resume=last.")
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``trainer.gradient_clip_val`` as usual, except under FSDP: there the norm spans every rank's shard, so the
+        root module's ``clip_grad_norm_`` computes it (Lightning's FSDP precision plugin refuses to clip by norm)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+                and isinstance(self.trainer.strategy, FSDPStrategy)):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if _offloads_optimizer(self._trainer):  # DeepSpeed refuses a torch optimiser on offloaded state
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=hp.lr, betas=tuple(hp.betas), adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = hp.total_steps
         if total is None and self.trainer is not None:
             total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(hp.scheduler, hp.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _offloads_optimizer(trainer: L.Trainer | None) -> bool:
+    """Whether the trainer's strategy is DeepSpeed with the optimiser state offloaded (to CPU memory or NVMe)."""
+    config = getattr(trainer.strategy, "config", None) if trainer is not None else None
+    zero = (config or {}).get("zero_optimization") if isinstance(config, dict) else None
+    return isinstance(zero, dict) and bool(zero.get("offload_optimizer"))
 
 
 class _Schedule:
