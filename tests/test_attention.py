@@ -90,9 +90,9 @@ def shape_of(layout: Layout) -> tuple[int, int]:
     return (3, 12)
 
 
-def qkv(B: int, L: int, dtype=torch.float64, seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
+def qkv(B: int, L: int, dtype=torch.float64, seed: int = 0, scale: float = 1.0, dh: int = DH) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(B, H, L, DH, generator=g, dtype=dtype) * scale).requires_grad_() for _ in range(3)]
+    return [(torch.randn(B, H, L, dh, generator=g, dtype=dtype) * scale).requires_grad_() for _ in range(3)]
 
 
 def real_rows(layout: Layout, B: int, L: int) -> torch.Tensor:
@@ -278,14 +278,15 @@ def test_flex_falls_back_when_compiled_call_fails(monkeypatch) -> None:
 
 
 def assert_matches_eager_on_gpu(kernel, name: str, out_tol: float, grad_tol: float) -> None:
-    """``kernel`` vs ``eager`` on CUDA (float32 inputs), outputs and gradients at the real rows."""
+    """``kernel`` vs ``eager`` on CUDA (float32 inputs), outputs and gradients at the real rows. Head size 16:
+    compiled flex needs at least 16 on CUDA, and with 8 it fell back to the eager flex_attention."""
     layout = LAYOUTS[name]()
     dev = torch.device("cuda")
     for f in ("padding_mask", "doc_ids", "cu_seqlens", "known"):
         if getattr(layout, f) is not None:
             setattr(layout, f, getattr(layout, f).to(dev))
     B, L = shape_of(layout)
-    q1, k1, v1 = (t.detach().to(dev).requires_grad_() for t in qkv(B, L, torch.float32))
+    q1, k1, v1 = (t.detach().to(dev).requires_grad_() for t in qkv(B, L, torch.float32, dh=16))
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q1, k1, v1))
     out, ref = kernel(q1, k1, v1, layout), eager_attend(q2, k2, v2, layout)
     torch.testing.assert_close(out, ref, atol=out_tol, rtol=out_tol)
@@ -299,8 +300,10 @@ def assert_matches_eager_on_gpu(kernel, name: str, out_tol: float, grad_tol: flo
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_flex_matches_eager_on_gpu(name: str) -> None:
+def test_flex_matches_eager_on_gpu(name: str, monkeypatch) -> None:
+    monkeypatch.setattr(attention, "_FLEX", {"compiled": {}, "failed": False})  # compiled, as in training
     assert_matches_eager_on_gpu(flex_attend, name, 1e-4, 1e-4)
+    assert not attention._FLEX["failed"], "compiled flex_attention fell back to the eager one"
 
 
 @pytest.mark.gpu
