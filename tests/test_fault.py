@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from scfm.cli import conf_dir
 from scfm.cli.train import train
 from scfm.errors import ScfmInputError
+from scfm.objectives.base import NonFiniteLossError, PretrainingModule
 from scfm.training import AtomicCheckpointIO, stale_checkpoint_parts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +151,64 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert ckpt["global_step"] == 2  # the last checkpoint before the NaN, not a later one
     assert all(torch.isfinite(w).all() for w in ckpt["state_dict"].values() if w.is_floating_point())
     assert list(losses(run).index) == [0, 1, 2]  # logged before the guard stopped step 3
+
+
+class _Overflowing(PretrainingModule):
+    """One linear layer whose loss overflows float16 at the steps in ``overflow`` (all steps: ``None``)."""
+
+    def __init__(self, overflow: set[int] | None) -> None:
+        super().__init__(model={}, data={}, lr=0.1)
+        self.layer = torch.nn.Linear(4, 4)
+        self.overflow, self.weights = overflow, []
+
+    def step(self, batch, batch_idx, stage):
+        scale = 1e30 if self.overflow is None or self.global_step in self.overflow else 1.0
+        return (self.layer(batch) ** 2).mean() * scale
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.weights.append(self.layer.weight.detach().clone())
+
+
+def _fit_fp16(module: PretrainingModule, steps: int, init_scale: float) -> None:
+    """Lightning's float16 mixed precision with a real GradScaler, on the CPU (the config allows 16-mixed on CUDA
+    only; the scaler logic is the same)."""
+    import lightning as L
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[plugin], max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    g = torch.Generator().manual_seed(0)
+    trainer.fit(module, torch.utils.data.DataLoader(torch.randn(4 * steps, 4, generator=g), batch_size=4))
+
+
+def test_fp16_overflow_is_left_to_the_loss_scaler():
+    """A float16 overflow makes the unscaled gradients inf: the scaler skips that step and halves the scale. The
+    NaN guard stopped such runs at their first overflow (common in the first steps from a scale of 2^16)."""
+    module = _Overflowing(overflow={0, 1, 2})
+    _fit_fp16(module, steps=6, init_scale=2.0**16)
+    w = [*module.weights, module.layer.weight.detach()]
+    assert all(torch.equal(w[0], w[i]) for i in (1, 2, 3))  # the overflowing steps 0-2 were skipped
+    assert not torch.equal(w[3], w[4]) and torch.isfinite(w[-1]).all()  # then training went on
+    assert module.trainer.precision_plugin.scaler.get_scale() == 2.0**13
+
+
+def test_fp16_stops_once_the_loss_scale_falls_below_one():
+    module = _Overflowing(overflow=None)
+    with pytest.raises(NonFiniteLossError, match=r"loss scale fell to 0.5 at step 3 .*precision=bf16-mixed"):
+        _fit_fp16(module, steps=10, init_scale=4.0)  # 4, 2, 1: skipped; 0.5: stop
+    assert all(torch.equal(module.weights[0], w) for w in module.weights)
+
+
+def test_without_gradients_on_the_parameters_the_guard_judges_the_loss():
+    """DeepSpeed keeps gradients in its own buffers (every ``p.grad`` is None): the guard looked at nothing."""
+    from types import SimpleNamespace
+
+    module = _Overflowing(overflow=set())
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), world_size=1, global_step=7,
+                                      current_epoch=0)
+    module._last_loss = 0.5
+    module.on_before_optimizer_step(None)  # finite: goes on
+    module._last_loss = float("nan")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 7"):
+        module.on_before_optimizer_step(None)

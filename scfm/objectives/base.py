@@ -117,11 +117,31 @@ class PretrainingModule(L.LightningModule):
         return self.step(batch, batch_idx, "test")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop before a non-finite gradient reaches the parameters (gradients are synchronised here)."""
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
-        for p in self.parameters():
-            if p.grad is not None:
-                finite &= torch.isfinite(p.grad).all()
+        """Stop before a non-finite gradient reaches the parameters (gradients are synchronised here).
+
+        Under float16 loss scaling (``precision=16-mixed``) an overflow is the scaler's to handle: it skips the step
+        and halves the scale. The run stops only once the scale is below 1, where gradients overflow float16 even
+        unscaled (from the initial 2^16, 17 skipped steps in a row; a NaN loss gets there too).
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler.get_scale()
+            if scale >= 1.0:
+                return
+            raise NonFiniteLossError(
+                f"precision=16-mixed: the loss scale fell to {scale:g} at step {self.global_step} (epoch "
+                f"{self.current_epoch}; last loss {self._last_loss}). The scaler halves it and skips the step "
+                "whenever gradients overflow float16; below 1 they overflow even unscaled. Fix: use "
+                "precision=bf16-mixed (or 32-true), lower objective.lr, or check the data for extreme values; then "
+                "resume=last.")
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        else:  # DeepSpeed keeps gradients in its own buffers: judge by the loss
+            ok = torch.tensor(self._last_loss is None or math.isfinite(self._last_loss), device=self.device)
+        # every rank decides alike (FSDP's gradient shards and DeepSpeed's losses differ between ranks); a rank that
+        # stopped alone would leave the others waiting in their next collective
+        finite = self.sum_across_ranks(ok.float()) == self.trainer.world_size
         if not bool(finite):
             loss = self._last_loss
             raise NonFiniteLossError(
