@@ -356,6 +356,7 @@ def random_known_mask(batch: Any, fraction: float, seed: int = 0, cls_id: int | 
     genes = real & (gene_ids != cls_id) if cls_id is not None else real
     cell, n = cell_index(batch)
     g = torch.Generator(device=gene_ids.device).manual_seed(seed)
-    known = split_known(genes, cell, n, torch.full((n,), 1.0 - fraction, dtype=torch.float64), g)
+    fractions = torch.full((n,), 1.0 - fraction, dtype=torch.float64, device=gene_ids.device)
+    known = split_known(genes, cell, n, fractions, g)
     return known & genes
 
