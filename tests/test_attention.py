@@ -302,6 +302,8 @@ def assert_matches_eager_on_gpu(kernel, name: str, out_tol: float, grad_tol: flo
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_flex_matches_eager_on_gpu(name: str, monkeypatch) -> None:
     monkeypatch.setattr(attention, "_FLEX", {"compiled": {}, "failed": False})  # compiled, as in training
+    # past dynamo's recompile limit torch runs flex_attention uncompiled without raising: make that an error
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     assert_matches_eager_on_gpu(flex_attend, name, 1e-4, 1e-4)
     assert not attention._FLEX["failed"], "compiled flex_attention fell back to the eager one"
 

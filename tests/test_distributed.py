@@ -179,10 +179,15 @@ def test_deepspeed_optimizer_offload_gets_deepspeeds_cpu_adam(monkeypatch):
                       ("deepspeed.ops.adam", adam)]:
         monkeypatch.setitem(sys.modules, name, mod)
     module = _Tiny()
-    for zero, offloaded in [({"stage": 3, "offload_optimizer": {"device": "cpu"}}, True),
-                            ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, True),
-                            ({"stage": 3, "offload_param": {"device": "cpu"}}, False), ({"stage": 2}, False)]:
-        module._trainer = SimpleNamespace(strategy=SimpleNamespace(config={"zero_optimization": zero}), max_steps=10)
+    for zero, offloaded, more in [({"stage": 3, "offload_optimizer": {"device": "cpu"}}, True, {}),
+                                  ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, True, {}),
+                                  ({"stage": 2, "offload_optimizer": {"device": "none"}}, False, {}),
+                                  ({"stage": 3, "offload_optimizer": {"device": "cpu"}}, False,
+                                   {"zero_force_ds_cpu_optimizer": False}),  # the user's choice
+                                  ({"stage": 3, "offload_param": {"device": "cpu"}}, False, {}),
+                                  ({"stage": 2}, False, {})]:
+        config = {"zero_optimization": zero, **more}
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(config=config), max_steps=10)
         optimizer = module.configure_optimizers()["optimizer"]
         assert isinstance(optimizer, FakeCPUAdam) == offloaded, zero
         assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]

@@ -193,11 +193,19 @@ def test_fp16_overflow_is_left_to_the_loss_scaler():
     assert module.trainer.precision_plugin.scaler.get_scale() == 2.0**13
 
 
-def test_fp16_stops_once_the_loss_scale_falls_below_one():
+def test_fp16_stops_when_gradients_overflow_at_a_loss_scale_of_one():
     module = _Overflowing(overflow=None)
-    with pytest.raises(NonFiniteLossError, match=r"loss scale fell to 0.5 at step 3 .*precision=bf16-mixed"):
-        _fit_fp16(module, steps=10, init_scale=4.0)  # 4, 2, 1: skipped; 0.5: stop
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 .* loss scale at 1: .*bf16-mixed"):
+        _fit_fp16(module, steps=10, init_scale=4.0)  # 4, 2: skipped and halved; 1: stop, before it would halve
     assert all(torch.equal(module.weights[0], w) for w in module.weights)
+
+
+def test_fp16_resumed_at_a_low_loss_scale_trains_on_while_gradients_are_finite():
+    """A checkpoint may hold a scale of 1 or below (e.g. written before an older rule stopped the run): a healthy
+    model resumed from it must train, not stop at its first step."""
+    module = _Overflowing(overflow=set())
+    _fit_fp16(module, steps=4, init_scale=0.5)
+    assert not torch.equal(module.weights[0], module.weights[-1])
 
 
 def test_without_gradients_on_the_parameters_the_guard_judges_the_loss():
@@ -205,8 +213,10 @@ def test_without_gradients_on_the_parameters_the_guard_judges_the_loss():
     from types import SimpleNamespace
 
     module = _Overflowing(overflow=set())
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), world_size=1, global_step=7,
-                                      current_epoch=0)
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=SingleDeviceStrategy("cpu"),
+                                      global_step=7, current_epoch=0)
     module._last_loss = 0.5
     module.on_before_optimizer_step(None)  # finite: goes on
     module._last_loss = float("nan")

@@ -119,37 +119,39 @@ class PretrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop before a non-finite gradient reaches the parameters (gradients are synchronised here).
 
-        Under float16 loss scaling (``precision=16-mixed``) an overflow is the scaler's to handle: it skips the step
-        and halves the scale. The run stops only once the scale is below 1, where gradients overflow float16 even
-        unscaled (from the initial 2^16, 17 skipped steps in a row; a NaN loss gets there too).
+        Under float16 loss scaling (``precision=16-mixed``) an overflow is the scaler's to handle while the scale is
+        above 1: it skips the step and halves the scale. At a scale of 1 or below, gradients that overflow would
+        overflow even unscaled, so the run stops there, before the scaler would lower the scale further (a
+        checkpoint never holds a scale below 1 from this rule; from the initial 2^16 that is 17 overflows in a row).
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler.get_scale()
-            if scale >= 1.0:
-                return
-            raise NonFiniteLossError(
-                f"precision=16-mixed: the loss scale fell to {scale:g} at step {self.global_step} (epoch "
-                f"{self.current_epoch}; last loss {self._last_loss}). The scaler halves it and skips the step "
-                "whenever gradients overflow float16; below 1 they overflow even unscaled. Fix: use "
-                "precision=bf16-mixed (or 32-true), lower objective.lr, or check the data for extreme values; then "
-                "resume=last.")
+        scaled = scaler is not None and scaler.is_enabled()
+        if scaled and scaler.get_scale() > 1.0:
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         else:  # DeepSpeed keeps gradients in its own buffers: judge by the loss
-            ok = torch.tensor(self._last_loss is None or math.isfinite(self._last_loss), device=self.device)
+            ok = self._last_loss is None or math.isfinite(self._last_loss)
         # every rank decides alike (FSDP's gradient shards and DeepSpeed's losses differ between ranks); a rank that
         # stopped alone would leave the others waiting in their next collective
-        finite = self.sum_across_ranks(ok.float()) == self.trainer.world_size
-        if not bool(finite):
-            loss = self._last_loss
+        if self.trainer.strategy.reduce_boolean_decision(ok, all=True):
+            return
+        loss = self._last_loss
+        what = ("a non-finite loss or gradient on another rank" if ok else
+                "non-finite loss" if loss is None or not math.isfinite(loss) else "non-finite gradient")
+        where = f"at step {self.global_step} (epoch {self.current_epoch}; last loss {loss})"
+        if scaled:
             raise NonFiniteLossError(
-                f"non-finite {'loss' if loss is None or not math.isfinite(loss) else 'gradient'} at step "
-                f"{self.global_step} (epoch {self.current_epoch}; last loss {loss}). Training stopped before the "
-                "optimiser step; parameters are unchanged and the last checkpoint was written before this step. "
-                "Fix: lower objective.lr or raise objective.warmup_steps, keep trainer.gradient_clip_val, use "
-                "precision=bf16-mixed instead of 16-mixed, or check the data for extreme values; then resume=last.")
+                f"precision=16-mixed: {what} {where} with the loss scale at {scaler.get_scale():g}: the scaler "
+                "skips overflowing steps and halves the scale, and at 1 or below float16 overflows even unscaled. "
+                "Training stopped before the optimiser step. Fix: use precision=bf16-mixed (or 32-true), lower "
+                "objective.lr, or check the data for extreme values; then resume=last.")
+        raise NonFiniteLossError(
+            f"{what} {where}. Training stopped before the "
+            "optimiser step; parameters are unchanged and the last checkpoint was written before this step. "
+            "Fix: lower objective.lr or raise objective.warmup_steps, keep trainer.gradient_clip_val, use "
+            "precision=bf16-mixed instead of 16-mixed, or check the data for extreme values; then resume=last.")
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -176,17 +178,20 @@ class PretrainingModule(L.LightningModule):
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = hp.total_steps
-        if total is None and self.trainer is not None:
+        if total is None and self._trainer is not None:
             total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(hp.scheduler, hp.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _offloads_optimizer(trainer: L.Trainer | None) -> bool:
-    """Whether the trainer's strategy is DeepSpeed with the optimiser state offloaded (to CPU memory or NVMe)."""
+    """Whether the trainer's strategy is DeepSpeed with the optimiser state offloaded (to CPU memory or NVMe) and
+    DeepSpeed insisting on its own CPU optimiser there (``zero_force_ds_cpu_optimizer``, default true)."""
     config = getattr(trainer.strategy, "config", None) if trainer is not None else None
-    zero = (config or {}).get("zero_optimization") if isinstance(config, dict) else None
-    return isinstance(zero, dict) and bool(zero.get("offload_optimizer"))
+    if not isinstance(config, dict) or config.get("zero_force_ds_cpu_optimizer", True) is False:
+        return False
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer")
+    return isinstance(offload, dict) and offload.get("device", "cpu") not in (None, "none")
 
 
 class _Schedule:
