@@ -110,11 +110,10 @@ def run_case(preset: str, kernel: str, args: argparse.Namespace, fpt: float | No
 
     from hydra.utils import instantiate
 
-    from scfm.cli.train import _build, build_strategy, validate
+    from scfm.cli.train import build, build_strategy
 
     cfg = compose_case(preset, kernel, args)
-    validate(cfg)
-    datamodule, module = _build(cfg)
+    datamodule, module = build(cfg)  # validates first
     timer = StepTimer(args.warmup)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[timer], enable_checkpointing=False,
                           strategy=build_strategy(cfg))
