@@ -72,7 +72,7 @@ def compose_case(preset: str, kernel: str, args: argparse.Namespace) -> Any:
     from hydra import compose, initialize_config_dir
 
     from scfm.cli import conf_dir
-    from scfm.scale import apply_scale
+    from scfm.config.scale import apply_scale
 
     overrides = [f"experiment={preset}", f"attention={kernel}", f"precision={args.precision}",
                  f"trainer.accelerator={args.accelerator}", "trainer.devices=1", "strategy=single",

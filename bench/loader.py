@@ -43,9 +43,10 @@ from synth import WORK, ensure_h5ad, log
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from scfm.corpus import Corpus, PrepareOptions, is_corpus, prepare
 from scfm.data.batching import is_shared_row
+from scfm.data.corpus import Corpus, is_corpus
 from scfm.data.datamodule import CellDataModule
+from scfm.data.prepare import PrepareOptions, prepare
 from scfm.encodings.bin import BinEncoding
 from scfm.encodings.continuous import ContinuousEncoding
 from scfm.encodings.rank import RankEncoding
@@ -199,7 +200,7 @@ def _cpu_s() -> float:
 def resolve(args: argparse.Namespace) -> tuple[Path, Path, str]:
     """(corpus folder, baseline .h5ad, label)."""
     if args.builtin:
-        from scfm.builtin import builtin_corpus
+        from scfm.data.builtin import builtin_corpus
 
         corpus = builtin_corpus(args.builtin, progress=False).path
         return corpus, Path(args.h5ad or corpus.with_name(corpus.name + ".h5ad")), f"builtin:{args.builtin}"

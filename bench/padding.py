@@ -1,6 +1,6 @@
 """Padding efficiency (real tokens / computed tokens) of the batching strategies on a corpus's length distribution.
 
-Default corpus: the built-in PBMC 3k (``scfm.builtin.builtin_corpus("pbmc3k")``, prepared into ``$SCFM_CACHE``),
+Default corpus: the built-in PBMC 3k (``scfm.data.builtin.builtin_corpus("pbmc3k")``, prepared into ``$SCFM_CACHE``),
 rank encoding (``--max-len`` 2048), batch 12, train split with ``val_fraction=0``. For each epoch the cell order
 of ``CellStream.cell_order`` (consumer 0 of 1) and the encoded lengths (``CellStream.lengths``) go through
 ``Batching(strategy).plan``, which is what ``CellStream`` iterates; no cell is read or encoded.
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from scfm.corpus import Corpus
 from scfm.data.batching import Batching
+from scfm.data.corpus import Corpus
 from scfm.data.stream import CellStream
 from scfm.encodings.rank import RankEncoding
 
@@ -75,7 +75,7 @@ def main() -> None:
     if args.corpus:
         corpus, label = Corpus(args.corpus), args.corpus
     else:
-        from scfm.builtin import builtin_corpus
+        from scfm.data.builtin import builtin_corpus
 
         corpus, label = builtin_corpus(args.builtin, progress=False), f"builtin:{args.builtin}"
     encoding = RankEncoding(max_len=args.max_len).bind(corpus)

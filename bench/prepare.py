@@ -1,4 +1,4 @@
-"""Benchmark ``scfm.corpus.prepare`` against the floor of merely reading the input, at two input sizes.
+"""Benchmark ``scfm.data.corpus.prepare`` against the floor of merely reading the input, at two input sizes.
 
 For each size a 10x-like synthetic ``.h5ad`` is generated once (``bench/synth.py``, cached under
 ``$BENCH_WORK``, default /tmp/bench_work). Every measurement runs in a fresh child process (this script with
@@ -54,7 +54,7 @@ def child_read(path: str) -> dict[str, Any]:
     import h5py
     import numpy as np
 
-    from scfm.readers import open_source
+    from scfm.data.readers import open_source
 
     t, cpu = time.perf_counter(), _cpu_s()
     total, cells = 0.0, 0
@@ -80,7 +80,7 @@ def child_prepare(path: str, out: str) -> dict[str, Any]:
     import torch  # noqa: F401
 
     import scfm
-    from scfm.corpus import PrepareOptions, prepare
+    from scfm.data.prepare import PrepareOptions, prepare
 
     import_s = time.perf_counter() - t
     t, cpu = time.perf_counter(), _cpu_s()

@@ -23,7 +23,7 @@ import tensordict  # noqa: F401  (imported up front, as in bench/prepare.py)
 import torch  # noqa: F401
 from synth import WORK, log
 
-import scfm.corpus as corpus_module
+import scfm.data.prepare as corpus_module
 
 
 def _rss_mb() -> float:
@@ -63,7 +63,7 @@ def profile_prepare(path: str, profiler: cProfile.Profile) -> None:
 def _encoding(name: str, path: str):
     """The encodings at their papers' lengths, as ``bench/loader.py`` builds them (continuous: the first 19,264
     gene tokens of the vocabulary as the gene list)."""
-    from scfm.corpus import Corpus
+    from scfm.data.corpus import Corpus
     from scfm.encodings.bin import BinEncoding
     from scfm.encodings.continuous import ContinuousEncoding
     from scfm.encodings.rank import RankEncoding

@@ -6,7 +6,7 @@ Layout as a Cell Ranger → anndata file: ``X`` CSR float32 raw counts (cells ×
 Per cell: a log-normal number of detected genes (median ~1,600, clipped to 400..6,000) drawn with
 replacement from Zipf-like gene propensities and de-duplicated; counts ``1 + floor(depth × level_g × Pareto)``
 so most values are 1–2 and a few genes reach hundreds or thousands (heavy-tailed, as real UMI data).
-``scfm.simulate.simulate`` is not used: it samples the dense cells × genes mean matrix (~4·10⁹ entries at
+``scfm.data.simulate.simulate`` is not used: it samples the dense cells × genes mean matrix (~4·10⁹ entries at
 200k × 20k), which takes minutes; this takes seconds per 100k cells.
 
 Written in chunks (``anndata.io.write_elem`` then ``sparse_dataset(...).append``), so memory stays

@@ -77,7 +77,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def pbmc_corpus():
-    from scfm.builtin import builtin_corpus
+    from scfm.data.builtin import builtin_corpus
 
     return builtin_corpus("pbmc3k", progress=False)
 

@@ -49,7 +49,7 @@ def encoder_flops(config: XtrimoConfig, batch: int, length: int) -> int:
 
 def pbmc_encoder_counts(n_cells: int, batch: int, seed: int = 0) -> list[np.ndarray]:
     """Encoder token counts (non-zero unmasked genes + T + S) of PBMC 3k cells, grouped as served in batches."""
-    from scfm.builtin import builtin_corpus
+    from scfm.data.builtin import builtin_corpus
 
     corpus = builtin_corpus("pbmc3k", None, progress=False)
     enc = ContinuousEncoding().bind(corpus)

@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def pbmc():
     """The vendored PBMC 3k as an AnnData (raw counts, cell types)."""
-    from scfm.builtin import pbmc3k
+    from scfm.data.builtin import pbmc3k
 
     return pbmc3k()
 
@@ -42,7 +42,7 @@ def pbmc():
 @pytest.fixture(scope="session")
 def pbmc_corpus(cache_dir: Path):
     """The vendored PBMC 3k prepared into a corpus (real data, 2,700 cells)."""
-    from scfm.builtin import builtin_corpus
+    from scfm.data.builtin import builtin_corpus
 
     return builtin_corpus("pbmc3k", cache_dir, progress=False)
 
@@ -50,8 +50,8 @@ def pbmc_corpus(cache_dir: Path):
 @pytest.fixture(scope="session")
 def synthetic_corpus(cache_dir: Path):
     """A small simulated corpus (3 shards) with cell types and batches."""
-    from scfm.builtin import synthetic
-    from scfm.corpus import PrepareOptions, prepare
+    from scfm.data.builtin import synthetic
+    from scfm.data.prepare import PrepareOptions, prepare
 
     adata = synthetic(n_cells=3000, n_genes=500, seed=1)
     adata.uns = {}

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
+from scfm.data.vocab import Vocab
 from scfm.encodings.bin import BIN_DRAWS, BinEncoding, _draws, _smallest, bin_bounds
 from scfm.encodings.rng import cell_bits, purpose_key, purpose_key_reference, splitmix64_reference
 from scfm.errors import ScfmInputError
-from scfm.vocab import Vocab
 
 N_GENES = 60
 TINY = SimpleNamespace(vocab=Vocab.build([f"G{i:03d}" for i in range(N_GENES)]))  # gene tokens 4..63, <cls> = 2
@@ -427,10 +427,10 @@ def test_kernels_stay_in_bounds(tmp_path):
     layout's kernels on ragged cells."""
     code = (
         "import numpy as np\n"
-        "from scfm.corpus import Corpus\n"
+        "from scfm.data.corpus import Corpus\n"
         "from scfm.data.batching import collate_arrays\n"
         "from scfm.encodings.bin import BinEncoding, _smallest\n"
-        "from scfm.vocab import Vocab\n"
+        "from scfm.data.vocab import Vocab\n"
         "rng = np.random.default_rng(0)\n"
         "lengths = np.array([0, 5, 40, 3, 40, 1])\n"
         "bits = rng.integers(0, 2**64, lengths.sum(), dtype=np.uint64, endpoint=False) & np.uint64(0xFFFF00000007)\n"

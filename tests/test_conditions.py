@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scfm.corpus import InputSpec, PrepareOptions, prepare
 from scfm.data.batching import Batching
+from scfm.data.prepare import InputSpec, PrepareOptions, prepare
+from scfm.data.simulate import simulate
 from scfm.data.stream import CellStream
 from scfm.encodings.continuous import ContinuousEncoding
 from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
-from scfm.simulate import simulate
 
 
 def stream(corpus, conditions, strategy="random", encoding="rank"):

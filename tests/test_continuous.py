@@ -19,11 +19,11 @@ from scipy import special, stats
 from scfm.data.batching import Batching
 from scfm.data.datamodule import CellDataModule
 from scfm.data.stream import CellStream
+from scfm.data.vocab import SPECIAL_TOKENS, Vocab
 from scfm.encodings import continuous
 from scfm.encodings.continuous import DOWNSAMPLE, MASK, THIN, ZERO, ContinuousEncoding, binomial_quantile
 from scfm.encodings.rng import GOLDEN, mix64_reference, purpose_key_reference, splitmix64_reference
 from scfm.errors import ScfmInputError
-from scfm.vocab import SPECIAL_TOKENS, Vocab
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoding" / "continuous.yaml"
 

@@ -24,9 +24,9 @@ from scfm.convert.geneformer import (  # noqa: E402
     remap_vocab,
     vocab_index,
 )
+from scfm.data.vocab import Vocab  # noqa: E402
 from scfm.errors import ScfmInputError  # noqa: E402
 from scfm.model.bert import BertForMaskedGeneModeling  # noqa: E402
-from scfm.vocab import Vocab  # noqa: E402
 
 VOCAB = 100
 TOL = 1e-5

@@ -17,14 +17,13 @@ from scfm.convert.scgpt import (
     convert_scgpt,
     load_converted,
     load_scgpt,
-    register,
     remap_vocab,
     save_converted,
     scgpt_vocab,
 )
+from scfm.data.vocab import Vocab
 from scfm.errors import ScfmInputError
 from scfm.model.scgpt import ScGPTModel
-from scfm.vocab import Vocab
 
 N_GENES, D, H, D_HID, LAYERS, PAD_VALUE = 30, 32, 4, 48, 2, -2.0
 TOL = 1e-5
@@ -315,7 +314,7 @@ def test_vocab_ids_line_up_and_remap_by_symbol(tmp_path: Path) -> None:
     ScGPTModel(cfg2).load_state_dict(state2)
 
 
-def test_save_and_load_converted_and_register(tmp_path: Path) -> None:
+def test_save_and_load_converted_and_the_subcommand(tmp_path: Path) -> None:
     ref, vocab = reference(flash=False)
     config, state = convert_scgpt(ref.state_dict(), ARGS, vocab)
     voc, _ = scgpt_vocab(vocab)
@@ -325,9 +324,9 @@ def test_save_and_load_converted_and_register(tmp_path: Path) -> None:
         assert file.is_file() and voc2.gene_ids == voc.gene_ids and voc2.specials == voc.specials
         torch.testing.assert_close(model.state_dict()["decoder.fc.4.weight"], state["decoder.fc.4.weight"])
     assert (tmp_path / "folder" / "vocab.tsv").is_file()
-    converters: dict = {}
-    register(converters)
-    assert "scgpt" in converters and callable(converters["scgpt"].run)
+    from scfm.cli.convert import CONVERTERS
+
+    assert "scgpt" in CONVERTERS and callable(CONVERTERS["scgpt"].run)
 
 
 def test_bad_checkpoints_are_named(tmp_path: Path) -> None:

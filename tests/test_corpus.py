@@ -1,6 +1,6 @@
 """Corpus writer (``prepare``) and reader (``Corpus``): layout, exact content, bad input, faults, resumption.
 
-Everything is built from the vendored PBMC 3k (``scfm.builtin.pbmc3k``, small subsets written to tmp as .h5ad)
+Everything is built from the vendored PBMC 3k (``scfm.data.builtin.pbmc3k``, small subsets written to tmp as .h5ad)
 and the vendored 10x fixtures; nothing touches the network, ``/work/shared`` or the home cache.
 Expected tokens are computed here from the scipy matrix and ``vocab.tsv`` (pandas), independently of scfm.
 """
@@ -22,10 +22,12 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-import scfm.corpus as corpus_mod
-from scfm.builtin import geneformer_dictionary
-from scfm.corpus import Corpus, InputSpec, PrepareOptions, is_corpus, prepare
+import scfm.data.corpus as corpus_mod
+import scfm.data.prepare as prepare_mod
+from scfm.data.corpus import Corpus, is_corpus
+from scfm.data.prepare import InputSpec, PrepareOptions, prepare
 from scfm.errors import CorruptCorpusError, ScfmInputError
+from scfm.resources import geneformer_dictionary
 
 TENX = Path(__file__).parent / "assets" / "10x"
 V2_MTX = TENX / "1.2.0" / "filtered_gene_bc_matrices" / "hg19_chr21"  # symbols only
@@ -77,7 +79,7 @@ def opts(**kw) -> PrepareOptions:
 
 
 def vocab_index(corpus_path: Path) -> dict[str, int]:
-    """gene id -> token id, read from vocab.tsv with pandas (not through scfm.vocab)."""
+    """gene id -> token id, read from vocab.tsv with pandas (not through scfm.data.vocab)."""
     v = pd.read_csv(Path(corpus_path) / "vocab.tsv", sep="\t", dtype={"gene_id": str}, keep_default_na=False)
     return dict(zip(v.gene_id, v.token_id))
 
@@ -536,7 +538,7 @@ def test_duplicate_cell_ids_across_inputs(tmp_path, files, sub):
 
 
 def test_genes_absent_from_a_given_vocabulary(tmp_path, files, sub):
-    from scfm.vocab import Vocab
+    from scfm.data.vocab import Vocab
 
     kept = sorted(sub.var_names)[::3]
     Vocab.build(kept).save(tmp_path / "vocab.tsv")
@@ -738,7 +740,7 @@ def clean_ab(tmp_path_factory, files) -> Corpus:
 
 
 def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, files, clean_ab, monkeypatch):
-    flush = corpus_mod._ShardWriter.flush
+    flush = prepare_mod._ShardWriter.flush
     written = {"n": 0}
 
     def failing_flush(self):
@@ -750,7 +752,7 @@ def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, files, clean_ab
 
     out = tmp_path / "corpus"
     inputs = [str(files["a"]), str(files["b"])]
-    monkeypatch.setattr(corpus_mod._ShardWriter, "flush", failing_flush)
+    monkeypatch.setattr(prepare_mod._ShardWriter, "flush", failing_flush)
     with pytest.raises(OSError, match="simulated"):
         prepare(inputs, out, opts(shard_cells=40), log=lambda _: None)
     monkeypatch.undo()

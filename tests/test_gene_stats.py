@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scfm.corpus import PrepareOptions, prepare
-from scfm.gene_stats import GeneStatsAccumulator
-from scfm.vocab import Vocab
+from scfm.data.gene_stats import GeneStatsAccumulator
+from scfm.data.prepare import PrepareOptions, prepare
+from scfm.data.vocab import Vocab
 
 N_SPECIAL = 4
 

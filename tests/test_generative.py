@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from scfm.cli import conf_dir
 from scfm.cli.generate import main as generate_main
-from scfm.cli.train import train, validate
+from scfm.cli.train import train
+from scfm.config.validate import validate
 from scfm.data.datamodule import CellDataModule
 from scfm.encodings.bin import BinEncoding
 from scfm.errors import ScfmInputError

@@ -14,8 +14,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from scfm.cli import conf_dir
+from scfm.config.scale import apply_scale, explicit_keys
 from scfm.errors import ScfmInputError
-from scfm.scale import apply_scale, explicit_keys
 
 ROOT = Path(conf_dir()).parent
 PRESETS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))  # discovered: new presets are covered
@@ -129,7 +129,7 @@ def test_every_scale_file_composes_with_every_preset():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_validates_at_full_size(preset, tmp_path):
-    from scfm.cli.train import validate
+    from scfm.config.validate import validate
 
     cfg = compose_train(f"experiment={preset}", f"paths.output_dir={tmp_path}")
     require_classes(cfg)
@@ -149,7 +149,8 @@ def test_geneformer_presets_carry_the_published_recipes():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_a_few_steps_at_scale_tiny(preset, tmp_path, cache_dir, pbmc_corpus):
-    from scfm.cli.train import train, validate
+    from scfm.cli.train import train
+    from scfm.config.validate import validate
 
     cfg = tiny(preset, tmp_path)
     require_classes(cfg)

@@ -68,7 +68,7 @@ def test_matches_geneformer_argsort_where_untied(pbmc_corpus):
 def test_geneformer_medians_cover_pbmc(pbmc_corpus):
     import json
 
-    from scfm.builtin import geneformer_dictionary
+    from scfm.resources import geneformer_dictionary
 
     enc = RankEncoding(gene_medians="geneformer_gc30M").bind(pbmc_corpus)
     table = json.loads(geneformer_dictionary("geneformer_gc30M").read_text())

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scfm.data.readers import Source, open_source
 from scfm.errors import ScfmInputError
-from scfm.readers import Source, open_source
 
 TENX = Path(__file__).parent / "assets" / "10x"
 V2_MTX = TENX / "1.2.0" / "filtered_gene_bc_matrices" / "hg19_chr21"
@@ -234,9 +234,9 @@ def test_h5ad_counts_obs_var(tmp_path, layout):
 
 
 def test_h5ad_dense_reads_in_small_blocks(tmp_path, monkeypatch):
-    import scfm.readers
+    import scfm.data.readers
 
-    monkeypatch.setattr(scfm.readers, "_DENSE_BLOCK", 3 * N_GENES)  # three rows per h5py read
+    monkeypatch.setattr(scfm.data.readers, "_DENSE_BLOCK", 3 * N_GENES)  # three rows per h5py read
     x = counts_matrix(1)
     assert_same(read_all(open_source(write_h5ad(tmp_path / "d.h5ad", x)), chunk_size=8), x)
 

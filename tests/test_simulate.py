@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from scfm.data.simulate import _sample_nb, simulate
 from scfm.errors import ScfmInputError
-from scfm.simulate import _sample_nb, simulate
 
 SMALL = {"n_cells": 1500, "n_genes": 400, "n_tfs": 20}
 

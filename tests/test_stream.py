@@ -450,7 +450,7 @@ def test_len_is_the_number_of_batches(pbmc_corpus, strategy, workers):
 
 
 def test_split_by_an_obs_column(tmp_path, pbmc):
-    from scfm.corpus import PrepareOptions, prepare
+    from scfm.data.prepare import PrepareOptions, prepare
 
     sub = pbmc[:200].copy()
     sub.obs["fold"] = np.where(np.arange(200) % 4 == 0, "val", "train")

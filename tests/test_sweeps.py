@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from scfm.cli import conf_dir
 from scfm.cli.report import cli as report_main
+from scfm.config.scale import apply_scale
 from scfm.errors import ScfmInputError
-from scfm.scale import apply_scale
 
 ROOT = Path(conf_dir()).parent
 SWEEPS = ROOT / "sweeps"
@@ -81,7 +81,7 @@ def test_sweep_files_are_there():
 
 @pytest.mark.parametrize("name", GRIDS + WANDB)
 def test_every_sweep_combination_validates(name, tmp_path):
-    from scfm.cli.train import validate
+    from scfm.config.validate import validate
 
     jobs = grid_jobs(name) if name in GRIDS else wandb_jobs(name)
     assert len(jobs) >= 2
@@ -112,7 +112,7 @@ def test_grid_jobs_really_vary_the_groups(tmp_path):
 
 
 def test_an_incompatible_combination_fails_validation(tmp_path):
-    from scfm.cli.train import validate
+    from scfm.config.validate import validate
 
     cfg = compose_job("ablation_mlm", ["experiment=geneformer_v1", "encoding=bin"], tmp_path)
     with pytest.raises(ScfmInputError, match="encoding"):

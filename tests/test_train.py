@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from scfm.cli import conf_dir
-from scfm.cli.train import build, train, validate
+from scfm.cli.train import build, train
+from scfm.config.scale import apply_scale
+from scfm.config.validate import validate
 from scfm.errors import ScfmInputError
-from scfm.scale import apply_scale
 
 FAST = ["experiment=demo", "model.layers=1", "model.hidden=32", "model.ffn=64", "model.heads=2",
         "encoding.max_len=64", "batching.batch_size=8", "trainer.enable_progress_bar=false",

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from scfm.cli import conf_dir
-from scfm.cli.train import build_strategy, validate
+from scfm.cli.train import build_strategy
+from scfm.config.validate import validate
 from scfm.errors import ScfmInputError
 
 STRATEGIES = sorted(p.stem for p in (Path(conf_dir()) / "strategy").glob("*.yaml"))

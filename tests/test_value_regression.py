@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from scfm.cli import conf_dir
-from scfm.cli.train import train, validate
+from scfm.cli.train import train
+from scfm.config.validate import validate
 from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
 from scfm.encodings.continuous import ContinuousEncoding

@@ -3,7 +3,7 @@
     scfm-convert geneformer <hf_dir> <out.pt | out_dir> [--vocab CORPUS_OR_VOCAB_TSV] [--token-dictionary D]
 
 The output is read back by ``scfm.convert.geneformer.load_converted`` (``torch.load(weights_only=True)``).
-Other converters register in :data:`CONVERTERS`: ``CONVERTERS["scgpt"] = Converter(help, add_arguments, run)``.
+Each sub-command is a :class:`Converter` in :data:`CONVERTERS`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from scfm.cli import print_summary
 from scfm.errors import ScfmInputError
@@ -69,22 +70,64 @@ def _geneformer_run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _scgpt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="scGPT folder: best_model.pt, args.json, vocab.json")
+    p.add_argument("out", help="output: a .pt file, or a folder (model.pt, config.json, vocab.tsv)")
+    p.add_argument("--vocab", default=None, help="re-index gene rows to this vocabulary by symbol (a corpus folder "
+                   "or a vocab.tsv); default: scGPT's own genes (symbols)")
+    p.add_argument("--attention", default="sdpa", help="attention kernel stored in the config (default sdpa)")
+
+
+def _scgpt_run(args: argparse.Namespace) -> dict:
+    from scfm.convert.scgpt import as_vocab, convert_scgpt, read_scgpt_folder, remap_vocab, save_converted, scgpt_vocab
+
+    state, scgpt_args, raw_vocab = read_scgpt_folder(args.model_dir)
+    config, ours = convert_scgpt(state, scgpt_args, raw_vocab, args.attention)
+    vocab, _ = scgpt_vocab(raw_vocab)
+    summary: dict[str, Any] = {"converter": "scgpt", "source": str(args.model_dir), "layers": config.layers,
+                               "hidden": config.hidden, "heads": config.heads, "vocab_size": config.vocab_size,
+                               "value_embedding": config.value_embedding, "mvc": config.mvc,
+                               "flag_encoder_initialised": not any(k.endswith("flag_encoder.weight") for k in state)}
+    if args.vocab is not None:
+        target = as_vocab(args.vocab)
+        config, ours, counts = remap_vocab(config, ours, vocab, target)
+        vocab = target
+        summary.update(remapped_to=str(args.vocab), vocab_size=config.vocab_size, **counts)
+    summary["out"] = str(save_converted(args.out, config, ours, vocab, source=str(args.model_dir)))
+    return summary
+
+
+def _scfoundation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="scFoundation models.ckpt (or a MaeAutobin state dict)")
+    p.add_argument("out", help="output .pt file (+ <out>.genes.txt with the gene list)")
+    p.add_argument("--gene-list", default=None, help="OS_scRNA_gene_index.19264.tsv (gene_name column)")
+    p.add_argument("--key", default="cell", help="model inside models.ckpt: cell (default), gene or rde")
+    p.add_argument("--attention", default="sdpa", help="encoder attention kernel stored in the config")
+    p.add_argument("--encoder-heads", type=int, default=12, help="encoder heads when the checkpoint has no config")
+
+
+def _scfoundation_run(args: argparse.Namespace) -> dict:
+    from scfm.convert.scfoundation import load_scfoundation, save_converted
+
+    weights = load_scfoundation(args.checkpoint, args.gene_list, args.key, args.attention, args.encoder_heads)
+    out = save_converted(args.out, weights, source=str(args.checkpoint))
+    c = weights.config
+    return {"converter": "scfoundation", "source": str(args.checkpoint), "out": str(out), "key": args.key,
+            "layers": c.layers, "hidden": c.hidden, "decoder_layers": c.decoder_layers,
+            "decoder_hidden": c.decoder_hidden, "max_seq_len": c.max_seq_len,
+            "genes": None if weights.genes is None else len(weights.genes),
+            "gene_list": None if weights.genes is None else str(out.with_suffix(".genes.txt"))}
+
+
 CONVERTERS: dict[str, Converter] = {
     "geneformer": Converter("Geneformer / HF BertForMaskedLM folder -> scfm BERT", _geneformer_arguments,
                             _geneformer_run),
+    "scgpt": Converter("scGPT folder (best_model.pt, args.json, vocab.json) -> scfm scGPT", _scgpt_arguments,
+                       _scgpt_run),
+    "scfoundation": Converter("scFoundation models.ckpt (MaeAutobin) -> scfm xtrimo", _scfoundation_arguments,
+                              _scfoundation_run),
 }
-"""Sub-commands of ``scfm-convert``; other converters add themselves here."""
-
-
-def _register_others() -> None:
-    from scfm.convert.scfoundation import register as register_scfoundation
-    from scfm.convert.scgpt import register as register_scgpt
-
-    register_scgpt(CONVERTERS)
-    register_scfoundation(CONVERTERS)
-
-
-_register_others()
+"""Sub-commands of ``scfm-convert``; the converters themselves (``scfm.convert.*``) know no command line."""
 
 
 def build_parser() -> argparse.ArgumentParser:

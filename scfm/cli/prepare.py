@@ -17,7 +17,8 @@ from scfm.errors import ScfmInputError
 
 
 def run(cfg: DictConfig) -> Any:
-    from scfm.corpus import Corpus, InputSpec, PrepareOptions, prepare
+    from scfm.data.corpus import Corpus
+    from scfm.data.prepare import InputSpec, PrepareOptions, prepare
 
     if cfg.output is None:
         raise ScfmInputError("no output folder given", fix="pass output=<folder>")

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from scfm.data.vocab import Vocab
 from scfm.errors import ScfmInputError
-from scfm.vocab import Vocab
 
 M = TypeVar("M", bound=nn.Module)
 

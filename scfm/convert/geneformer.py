@@ -9,7 +9,7 @@ is tied to the gene embedding, as in HF; a checkpoint whose decoder differs from
 raises :class:`~scfm.errors.ScfmInputError` naming the HF key.
 
 Token ids. Geneformer's token dictionaries map ``<pad>`` -> 0, ``<mask>`` -> 1 (V1, ``gc30M``; V2 ``gc95M`` adds
-``<cls>`` -> 2, ``<eos>`` -> 3), then the Ensembl ids in sorted order. :meth:`scfm.vocab.Vocab.from_token_dict`
+``<cls>`` -> 2, ``<eos>`` -> 3), then the Ensembl ids in sorted order. :meth:`scfm.data.vocab.Vocab.from_token_dict`
 keeps that order (leading ``<...>`` tokens become the specials, in id order), so a corpus prepared with
 ``vocab=geneformer_gc30M`` / ``geneformer_gc95M`` has exactly Geneformer's ids and the weights load as they are
 (objective ``mlm``: ``mask_id=1``, ``first_gene_id`` = 2 for gc30M, 4 for gc95M). A corpus with its own
@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from scfm.convert import as_vocab, build_model, load_payload, save_payload, vocab_from_dict, vocab_to_dict
+from scfm.data.vocab import Vocab
 from scfm.errors import ScfmInputError
 from scfm.model.bert import BertConfig, BertForMaskedGeneModeling
-from scfm.vocab import Vocab
 
 __all__ = [
     "FORMAT",
@@ -270,7 +270,7 @@ class _PlainUnpickler(pickle.Unpickler):
 def read_token_dictionary(source: str | Path) -> dict[str, int]:
     """Geneformer token dictionary ``{token: id}``: a built-in name (``geneformer_gc30M`` / ``geneformer_gc95M``),
     a ``.json`` file or Geneformer's ``.pkl`` (plain dict only; no code runs)."""
-    from scfm.builtin import GENEFORMER_NAMES, geneformer_dictionary
+    from scfm.resources import GENEFORMER_NAMES, geneformer_dictionary
 
     if str(source) in GENEFORMER_NAMES:
         source = geneformer_dictionary(str(source), kind="tokens")

@@ -27,7 +27,6 @@ vocabulary must contain every listed symbol).
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ from scfm.convert import load_payload, save_payload
 from scfm.errors import ScfmInputError
 from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
 
-__all__ = ["ScFoundationWeights", "add_arguments", "convert_scfoundation", "load_converted", "load_scfoundation",
-           "run", "save_converted", "state_dict_and_config"]
+__all__ = ["ScFoundationWeights", "convert_scfoundation", "load_converted", "load_scfoundation",
+           "save_converted", "state_dict_and_config"]
 
 _LAYOUT_KEYS = ("cell", "gene", "rde")
 FORMAT = "scfm-xtrimo"
@@ -228,31 +227,3 @@ def load_converted(path: str | Path) -> ScFoundationWeights:
     """Read what :func:`save_converted` wrote (``weights_only=True``)."""
     data = load_payload(path, FORMAT, "scfm-convert scfoundation")
     return ScFoundationWeights(XtrimoConfig(**data["config"]), data["state_dict"], data.get("genes"))
-
-
-# -- scfm-convert sub-command (registered in scfm.cli.convert.CONVERTERS) --------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="scFoundation models.ckpt (or a MaeAutobin state dict)")
-    p.add_argument("out", help="output .pt file (+ <out>.genes.txt with the gene list)")
-    p.add_argument("--gene-list", default=None, help="OS_scRNA_gene_index.19264.tsv (gene_name column)")
-    p.add_argument("--key", default="cell", help="model inside models.ckpt: cell (default), gene or rde")
-    p.add_argument("--attention", default="sdpa", help="encoder attention kernel stored in the config")
-    p.add_argument("--encoder-heads", type=int, default=12, help="encoder heads when the checkpoint has no config")
-
-
-def run(args: argparse.Namespace) -> dict:
-    weights = load_scfoundation(args.checkpoint, args.gene_list, args.key, args.attention, args.encoder_heads)
-    out = save_converted(args.out, weights, source=str(args.checkpoint))
-    c = weights.config
-    return {"converter": "scfoundation", "source": str(args.checkpoint), "out": str(out), "key": args.key,
-            "layers": c.layers, "hidden": c.hidden, "decoder_layers": c.decoder_layers,
-            "decoder_hidden": c.decoder_hidden, "max_seq_len": c.max_seq_len,
-            "genes": None if weights.genes is None else len(weights.genes),
-            "gene_list": None if weights.genes is None else str(out.with_suffix(".genes.txt"))}
-
-
-def register(converters: dict) -> None:
-    """Add the ``scfoundation`` sub-command to ``scfm.cli.convert.CONVERTERS``."""
-    from scfm.cli.convert import Converter
-
-    converters["scfoundation"] = Converter("scFoundation models.ckpt (MaeAutobin) -> scfm xtrimo", add_arguments, run)

@@ -23,12 +23,10 @@ To run on a corpus with its own vocabulary (scfm keys genes by Ensembl id, with 
 :func:`remap_vocab` / ``load_scgpt(vocab=...)``: genes are matched by symbol (then by id), genes scGPT never saw
 get fresh rows.
 
-Register the sub-command: ``scfm.convert.scgpt.register(CONVERTERS)`` in ``scfm/cli/convert.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -41,9 +39,9 @@ import torch
 from torch import Tensor
 
 from scfm.convert import as_vocab, build_model, load_payload, save_payload, vocab_from_dict, vocab_to_dict
+from scfm.data.vocab import Vocab
 from scfm.errors import ScfmInputError
 from scfm.model.scgpt import ScGPTConfig, ScGPTModel
-from scfm.vocab import Vocab
 
 __all__ = [
     "FORMAT",
@@ -52,7 +50,6 @@ __all__ = [
     "load_converted",
     "load_scgpt",
     "read_scgpt_folder",
-    "register",
     "remap_vocab",
     "save_converted",
     "scgpt_vocab",
@@ -280,39 +277,3 @@ def load_converted(path: str | Path, attention: str | None = None) -> tuple[ScGP
     """Model (eval mode) and vocabulary from :func:`save_converted`'s file or folder."""
     payload = load_payload(path, FORMAT, "scfm-convert scgpt")
     return build_model(payload, ScGPTConfig, ScGPTModel, attention=attention), vocab_from_dict(payload["vocab"])
-
-
-# ---------------------------------------------------------------- scfm-convert sub-command
-
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="scGPT folder: best_model.pt, args.json, vocab.json")
-    p.add_argument("out", help="output: a .pt file, or a folder (model.pt, config.json, vocab.tsv)")
-    p.add_argument("--vocab", default=None, help="re-index gene rows to this vocabulary by symbol (a corpus folder "
-                   "or a vocab.tsv); default: scGPT's own genes (symbols)")
-    p.add_argument("--attention", default="sdpa", help="attention kernel stored in the config (default sdpa)")
-
-
-def _run(args: argparse.Namespace) -> dict:
-    state, scgpt_args, raw_vocab = read_scgpt_folder(args.model_dir)
-    config, ours = convert_scgpt(state, scgpt_args, raw_vocab, args.attention)
-    vocab, _ = scgpt_vocab(raw_vocab)
-    summary: dict[str, Any] = {"converter": "scgpt", "source": str(args.model_dir), "layers": config.layers,
-                               "hidden": config.hidden, "heads": config.heads, "vocab_size": config.vocab_size,
-                               "value_embedding": config.value_embedding, "mvc": config.mvc,
-                               "flag_encoder_initialised": not any(k.endswith("flag_encoder.weight") for k in state)}
-    if args.vocab is not None:
-        target = as_vocab(args.vocab)
-        config, ours, counts = remap_vocab(config, ours, vocab, target)
-        vocab = target
-        summary.update(remapped_to=str(args.vocab), vocab_size=config.vocab_size, **counts)
-    summary["out"] = str(save_converted(args.out, config, ours, vocab, source=str(args.model_dir)))
-    return summary
-
-
-def register(converters: dict) -> None:
-    """Add the ``scgpt`` sub-command to ``scfm.cli.convert.CONVERTERS``."""
-    from scfm.cli.convert import Converter
-
-    converters["scgpt"] = Converter("scGPT folder (best_model.pt, args.json, vocab.json) -> scfm scGPT",
-                                    _arguments, _run)

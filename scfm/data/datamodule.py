@@ -14,8 +14,8 @@ from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter as _Iter
 
-from scfm.corpus import Corpus
 from scfm.data.batching import Batching, batch_to
+from scfm.data.corpus import Corpus
 from scfm.data.stream import _POOL, MESSAGE_BYTES, CellStream, SharedBatches, worker_init_fn
 from scfm.errors import ScfmInputError
 
@@ -59,7 +59,7 @@ class CellDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.builtin is not None:
-            from scfm.builtin import builtin_corpus
+            from scfm.data.builtin import builtin_corpus
 
             corpus = builtin_corpus(self.builtin, self.cache_dir, self.builtin_params, progress=self.progress)
             self.corpus_path = str(corpus.path)

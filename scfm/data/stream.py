@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from scfm.corpus import Corpus
 from scfm.data.batching import Batching, as_batch, batch_layout, collate, collate_arrays, compile_kernels, token_bytes
+from scfm.data.corpus import Corpus
 from scfm.errors import ScfmInputError
 
 _BLOCK_TOKENS = 1 << 18  # consecutive batches up to this many stored (non-zero) tokens are read and encoded together,

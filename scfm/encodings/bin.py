@@ -440,7 +440,16 @@ class BinEncoding:
 
     def bind(self, corpus) -> BinEncoding:
         """Read the vocabulary: the ``<cls>`` id and the gene tokens (the candidates of ``include_zero_genes``)."""
-        vocab = corpus.vocab
+        self.bind_arrays(corpus.vocab, {})
+        self._compile(corpus)
+        return self
+
+    def bound_arrays(self) -> dict[str, np.ndarray]:
+        """What :meth:`bind` took from the corpus beyond its vocabulary: nothing."""
+        return {}
+
+    def bind_arrays(self, vocab, arrays: dict[str, np.ndarray]) -> BinEncoding:
+        """Bind to ``vocab`` alone (a model bundle's, no corpus needed)."""
         if self.append_cls:
             if "<cls>" not in vocab.specials:
                 raise ScfmInputError(f"encoding=bin puts <cls> first but the vocabulary has no <cls> token "
@@ -450,7 +459,6 @@ class BinEncoding:
             self.cls_id = vocab.special_id("<cls>")
         self.gene_tokens = vocab.gene_token_ids()
         self.vocab_size = len(vocab)
-        self._compile(corpus)
         return self
 
     def _compile(self, corpus) -> None:

@@ -425,8 +425,16 @@ class ContinuousEncoding:
             n_nonzero = stats.reindex(tokens).fillna(0).to_numpy()
             top = np.lexsort((tokens, -n_nonzero))[: self.max_genes]  # most often expressed first, ties by token id
             tokens = tokens[np.sort(top)]  # kept in list order
-        self._tokens = tokens
-        self._column = np.full(len(vocab), -1, dtype=np.int32 if len(tokens) < 2**31 else np.int64)
+        return self.bind_arrays(vocab, {"gene_list": tokens})
+
+    def bound_arrays(self) -> dict[str, np.ndarray]:
+        """What :meth:`bind` took from the corpus: ``gene_list``, the token ids of the genes in layout order."""
+        return {"gene_list": self.gene_tokens}
+
+    def bind_arrays(self, vocab, arrays: dict[str, np.ndarray]) -> ContinuousEncoding:
+        """Bind to ``vocab`` with the gene list of :meth:`bound_arrays` (a model bundle's, no corpus needed)."""
+        self._tokens = np.asarray(arrays["gene_list"]).astype(np.int64)
+        self._column = np.full(len(vocab), -1, dtype=np.int32 if len(self._tokens) < 2**31 else np.int64)
         self._column[self._tokens] = np.arange(len(self._tokens))
         self._row_ids = np.concatenate([self._tokens, np.zeros(self.n_specials, np.int64)]).astype(np.int32)
         self._row_kind = np.concatenate([np.zeros(len(self._tokens), np.int8),

@@ -85,7 +85,7 @@ def load_gene_medians(source: str, corpus) -> np.ndarray:
     else:
         path = Path(source)
         if not path.is_file():
-            from scfm.builtin import geneformer_dictionary
+            from scfm.resources import geneformer_dictionary
 
             path = geneformer_dictionary(source)
         table: dict[str, float] = json.loads(path.read_text())
@@ -125,13 +125,26 @@ class RankEncoding:
 
     def bind(self, corpus) -> RankEncoding:
         """Attach the corpus's vocabulary and gene medians (call once, before iterating)."""
-        self.median = load_gene_medians(self.gene_medians, corpus)
+        self.bind_arrays(corpus.vocab, {"gene_medians": load_gene_medians(self.gene_medians, corpus)})
         stats = corpus.gene_stats  # every gene of the corpus has a median: lengths need only n_genes
         present = stats.token_id.to_numpy()[stats.n_nonzero.to_numpy() > 0]
         self._all_have_median = bool((self.median[present] > 0).all())
+        return self
+
+    def bound_arrays(self) -> dict[str, np.ndarray]:
+        """What :meth:`bind` took from the corpus, per token id: ``gene_medians`` (NaN where none)."""
+        return {"gene_medians": self.median}
+
+    def bind_arrays(self, vocab, arrays: dict[str, np.ndarray]) -> RankEncoding:
+        """Bind to ``vocab`` with the arrays of :meth:`bound_arrays` (a model bundle's, no corpus needed)."""
+        self.median = np.asarray(arrays["gene_medians"], dtype=np.float32)
+        if len(self.median) != len(vocab):
+            raise ScfmInputError(f"gene medians for {len(self.median)} tokens, vocabulary of {len(vocab)}",
+                                 where="encoding=rank", fix="use the medians saved with this vocabulary")
+        self._all_have_median = False  # lengths() then checks each cell's genes
         if self.layout == "v2":
-            self.cls_id = corpus.vocab.special_id("<cls>")
-            self.eos_id = corpus.vocab.special_id("<eos>")
+            self.cls_id = vocab.special_id("<cls>")
+            self.eos_id = vocab.special_id("<eos>")
         return self
 
     def lengths(self, shard) -> np.ndarray:

@@ -32,7 +32,7 @@ def data_facts(vocab: Any, labels: dict[str, list[str]] | None = None, encoding:
     token), ``first_gene_id``, ``n_labels`` ({role: number of labels}), ``n_modalities``, ``encoding`` (the
     encoding's class name) and, when the encoding has them, ``n_bins`` and ``max_len``.
     """
-    from scfm.vocab import MODALITIES
+    from scfm.data.vocab import MODALITIES
 
     def special(token: str) -> int:
         return vocab.specials.index(token) if token in vocab.specials else -1
@@ -71,6 +71,26 @@ class PretrainingModule(L.LightningModule):
             raise ScfmInputError(f"unknown scheduler {scheduler!r}", where="objective.scheduler",
                                  fix=f"use one of: {', '.join(_Schedule.KINDS)}")
         self._last_loss: float | None = None
+        self.bundle_context: dict[str, Any] | None = None  # vocabulary + encoding, set by scfm-train
+
+    # -- checkpoints carry what a bundle needs -----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the vocabulary, encoding and architecture (``scfm.bundle.load_pretrained`` reads a checkpoint)."""
+        if self.bundle_context is not None:
+            import dataclasses
+
+            from scfm.bundle import CHECKPOINT_KEY
+            from scfm.model import architecture_kind
+
+            checkpoint[CHECKPOINT_KEY] = {**self.bundle_context, "prefix": "model.", "architecture": {
+                "kind": architecture_kind(self.model), "config": dataclasses.asdict(self.model.config)}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from scfm.bundle import CHECKPOINT_KEY
+
+        context = checkpoint.get(CHECKPOINT_KEY)
+        if context and self.bundle_context is None:
+            self.bundle_context = {k: context[k] for k in ("vocab", "encoding", "arrays", "labels")}
 
     # -- what subclasses implement -----------------------------------------------------------------
     def step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:

@@ -1,8 +1,7 @@
 """Built-in data that ships with the package, so no run downloads anything.
 
 - ``pbmc3k()``: real 10x PBMC 3k raw counts with Seurat cell-type labels (see resources/pbmc3k/README.md).
-- ``synthetic(...)``: the seeded simulator (``scfm.simulate``).
-- ``geneformer_dictionary(name)``: Geneformer's published token dictionaries and gene medians.
+- ``synthetic(...)``: the seeded simulator (``scfm.data.simulate``).
 - ``builtin_corpus(name, cache_dir)``: the corpus of a built-in dataset, prepared once into a cache.
 """
 
@@ -22,17 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scfm.errors import ScfmInputError
-
-RESOURCES = Path(__file__).parent / "resources"
-GENEFORMER_NAMES = {
-    "geneformer_gc30M": ("token_dictionary_gc30M", "gene_median_dictionary_gc30M"),
-    "geneformer_gc95M": ("token_dictionary_gc95M", "gene_median_dictionary_gc95M"),
-}
-
-
-def default_cache_dir() -> Path:
-    """``$SCFM_CACHE`` or ``~/.cache/scfm``."""
-    return Path(os.environ.get("SCFM_CACHE", Path.home() / ".cache" / "scfm")).expanduser()
+from scfm.resources import RESOURCES, default_cache_dir
 
 
 def pbmc3k():
@@ -58,25 +47,10 @@ def pbmc3k():
 
 
 def synthetic(**params: Any):
-    """The seeded simulator's AnnData (``scfm.simulate.simulate`` parameters)."""
-    from scfm.simulate import simulate
+    """The seeded simulator's AnnData (``scfm.data.simulate.simulate`` parameters)."""
+    from scfm.data.simulate import simulate
 
     return simulate(**params)
-
-
-def geneformer_dictionary(name: str, kind: str = "medians") -> Path:
-    """Path of a Geneformer dictionary decompressed into the cache; ``kind`` is 'medians' or 'tokens'."""
-    if name not in GENEFORMER_NAMES:
-        raise ScfmInputError(f"unknown Geneformer dictionary {name!r}",
-                             fix=f"use one of {sorted(GENEFORMER_NAMES)} or the path of a .json file")
-    stem = GENEFORMER_NAMES[name][0 if kind == "tokens" else 1]
-    out = default_cache_dir() / "geneformer" / f"{stem}.json"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(lzma.decompress((RESOURCES / "geneformer" / f"{stem}.json.xz").read_bytes()))
-        os.replace(tmp, out)
-    return out
 
 
 def _params_key(params: dict[str, Any]) -> str:
@@ -87,9 +61,10 @@ def builtin_corpus(name: str, cache_dir: str | Path | None = None, params: dict[
                    progress: bool = True):
     """The corpus of built-in dataset ``name`` ('pbmc3k' or 'synthetic'), prepared once into the cache.
 
-    The dataset is written as an ``.h5ad`` and goes through ``scfm.corpus.prepare`` like any user file.
+    The dataset is written as an ``.h5ad`` and goes through ``scfm.data.corpus.prepare`` like any user file.
     """
-    from scfm.corpus import Corpus, PrepareOptions, is_corpus, prepare
+    from scfm.data.corpus import Corpus, is_corpus
+    from scfm.data.prepare import PrepareOptions, prepare
 
     params = dict(params or {})
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

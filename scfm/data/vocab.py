@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,6 +108,17 @@ class Vocab:
         if any(m != "gene" for m in self.modalities):  # written only for multi-modal vocabularies
             df["modality"] = [""] * self.n_special + list(self.modalities)
         return df
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """Plain lists (``specials``, ``gene_ids``, ``symbols`` with "" for none, ``modalities``) for checkpoints."""
+        return {"specials": list(self.specials), "gene_ids": list(self.gene_ids),
+                "symbols": ["" if s is None else str(s) for s in self.symbols], "modalities": list(self.modalities)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocab:
+        """The vocabulary of :meth:`to_dict`."""
+        return cls(tuple(d["specials"]), list(d["gene_ids"]), [s or None for s in d.get("symbols", [])],
+                   list(d.get("modalities", [])))
 
     def save(self, path: str | Path) -> None:
         self.to_frame().to_csv(path, sep="\t", index=False)
