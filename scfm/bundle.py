@@ -167,9 +167,9 @@ def write_bundle(folder: str | Path, model: nn.Module, encoding: Any, vocab: Voc
     if labels:
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
-    from scfm import __version__
+    from importlib.metadata import version
 
-    config = {"format": FORMAT, "version": VERSION, "scfm_version": __version__,
+    config = {"format": FORMAT, "version": VERSION, "scfm_version": version("scfm"),
               "architecture": {"kind": architecture_kind(model), "config": dataclasses.asdict(model.config)},
               "encoding": encoding_spec(encoding), "encoding_arrays": sorted(arrays),
               "data": _plain(data), "source": _plain(source),

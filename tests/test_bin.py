@@ -346,7 +346,7 @@ def test_yaml_builds_the_scgpt_defaults():
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "encoding" / "bin.yaml")
     enc = instantiate(cfg)
     assert isinstance(enc, BinEncoding) and enc == BinEncoding()
-    assert (enc.n_bins, enc.max_len, enc.target_sum, enc.name) == (51, 1200, 1e4, "bin")
+    assert (enc.n_bins, enc.max_len, enc.target_sum, enc.kind) == (51, 1200, 1e4, "bin")
 
 
 # -- (c) through CellStream ----------------------------------------------------------------------------------

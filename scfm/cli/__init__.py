@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from scfm.config import conf_dir
 from scfm.errors import ScfmInputError
 
-
-def conf_dir() -> str:
-    """Absolute path of the repository's ``conf/`` (scfm is installed in editable mode, see README)."""
-    root = Path(__file__).resolve().parents[2]
-    conf = root / "conf"
-    if not (conf / "train.yaml").is_file():
-        raise ScfmInputError(f"scfm's config folder is not at {conf}",
-                             fix="install scfm from a clone in editable mode: `pip install -e .` (see README)")
-    return str(conf)
+__all__ = ["conf_dir", "print_summary"]
 
 
 def print_summary(prog: str, run: Callable[[], dict[str, Any]]) -> int:

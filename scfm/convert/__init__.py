@@ -1,4 +1,5 @@
-"""Converters from published checkpoint layouts (Geneformer / HF BERT, ...) to scfm models.
+"""Converters from published checkpoint layouts to scfm models: ``geneformer`` (HF BERT), ``scgpt``,
+``scfoundation``. They know no command line (``scfm.cli.convert`` holds the sub-commands).
 
 Shared here: scfm's converted-model file (:func:`save_payload` / :func:`load_payload`, a ``torch.save`` of plain
 dicts, tensors and strings that ``torch.load(weights_only=True)`` reads) and its vocabulary entry.

@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numba
 import numpy as np
@@ -418,7 +419,7 @@ class BinEncoding:
     include_zero_genes: bool = False
     append_cls: bool = True
     cls_value: float = 0.0
-    name: str = field(default="bin", init=False)
+    kind: ClassVar[str] = "bin"  # what objectives and architectures declare they read
 
     def __post_init__(self) -> None:
         if self.n_bins < 2:

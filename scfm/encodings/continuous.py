@@ -77,7 +77,7 @@ Cost: no Python loop over cells. Per block, a few numpy passes over the sparse e
 inversion loop over ``k < 16`` on the still unresolved entries), ~``n_genes × mask_zero`` hashed gaps per cell,
 and one compiled pass (``_layout``, numba) that lists each output's entries that are not zero, by a token -> column
 map fixed in ``bind``. Nothing dense is made here: ``collate`` writes the entries straight into the batch
-(``scfm.data.batching.Scattered``), so a worker writes each of the batch's ~10 bytes per token once.
+(``scfm.encodings.tokens.Scattered``), so a worker writes each of the batch's ~10 bytes per token once.
 
 Defaults are all configurable (``conf/encoding/continuous.yaml``). ``target_sum=1e4`` + ``log1p`` is scFoundation's
 normalisation and 30% masking of expressed values its masking ratio (DESIGN.md §1); ``downsample_prob=0.5``,
@@ -89,16 +89,17 @@ them when you know better.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numba
 import numpy as np
 import pandas as pd
 from scipy import special
 
-from scfm.data.batching import Scattered
 from scfm.encodings.rng import GOLDEN, bits_at, mix64_one, purpose_key, uniform
+from scfm.encodings.tokens import Scattered
 from scfm.errors import ScfmInputError
 
 _HEADER_NAMES = ("gene_id", "gene_ids", "ensembl_id", "ensembl", "gene_name", "gene_symbol", "symbol", "gene")
@@ -374,7 +375,7 @@ class ContinuousEncoding:
     mask_zero: float = 0.03  # masking of zero genes
     depth_tokens: bool = True  # append T and S
     max_genes: int | None = None  # keep the N most often expressed genes of the list (small runs); None = all
-    name: str = field(default="continuous", init=False)
+    kind: ClassVar[str] = "continuous"  # what objectives and architectures declare they read
 
     def __post_init__(self) -> None:
         for key in ("downsample_prob", "mask_nonzero", "mask_zero"):

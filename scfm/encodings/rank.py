@@ -11,8 +11,9 @@ them in ``<cls>`` … ``<eos>`` within the same ``max_len``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class RankEncoding:
     max_len: int = 2048
     layout: str = "v1"
     gene_medians: str = "corpus"
-    name: str = field(default="rank", init=False)
+    kind: ClassVar[str] = "rank"  # what objectives and architectures declare they read
 
     def __post_init__(self) -> None:
         if self.layout not in ("v1", "v2"):

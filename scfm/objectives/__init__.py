@@ -1,0 +1,3 @@
+"""Pretraining objectives, one LightningModule each: ``mlm`` (``MaskedGeneModeling``), ``generative``
+(``GenerativePretraining``), ``value_regression`` (``ValueRegression``); ``base``: what they share
+(``PretrainingModule``, ``data_facts``)."""
