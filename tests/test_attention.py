@@ -7,22 +7,31 @@ falls as the number of random features grows.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.nn.attention.flex_attention import flex_attention as eager_flex_attention
 
 import scfm.model.attention as attention
+import scfm.model.attention.flex as flex_module
+import scfm.model.attention.sdpa as sdpa_module
 from scfm.errors import ScfmInputError
 from scfm.model.attention import (
     EXACT_KERNELS,
     KERNELS,
+    SPECS,
     Layout,
     PerformerAttention,
     eager_attend,
     flex_attend,
     get_kernel,
+    kernel_problem,
+    kernel_spec,
     sdpa_attend,
 )
 
@@ -104,7 +113,7 @@ def real_rows(layout: Layout, B: int, L: int) -> torch.Tensor:
 @pytest.fixture
 def uncompiled_flex(monkeypatch):
     """Route flex through the uncompiled flex_attention (same maths, no inductor build) to keep tests fast."""
-    monkeypatch.setattr(attention, "_FLEX", {"compiled": {"cpu": eager_flex_attention}, "failed": False})
+    monkeypatch.setattr(flex_module, "_FLEX", {"compiled": {"cpu": eager_flex_attention}, "failed": False})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*without torch.compile.*")
         yield
@@ -203,8 +212,8 @@ def test_layout_known_from_batch_and_validation() -> None:
 
 def test_sdpa_packed_generative_uses_per_cell_path_and_matches_dense(monkeypatch) -> None:
     calls = []
-    real = attention._sdpa_per_cell
-    monkeypatch.setattr(attention, "_sdpa_per_cell", lambda *a: calls.append(1) or real(*a))
+    real = sdpa_module._sdpa_per_cell
+    monkeypatch.setattr(sdpa_module, "_sdpa_per_cell", lambda *a: calls.append(1) or real(*a))
     fast, dense = packed_layout(tail=4, generative=True), packed_layout(tail=4, generative=True, cu=False)
     q, k, v = (t.detach() for t in qkv(*shape_of(fast)))
     out_fast, out_dense = sdpa_attend(q, k, v, fast), sdpa_attend(q, k, v, dense)
@@ -243,22 +252,22 @@ def test_flex_compiled_on_cpu_matches_eager(monkeypatch) -> None:
     Slow: a cold inductor build takes 8-17 s on the CPU. (tests/test_model.py's no-grad flex cases also run the
     compiled kernel in the default suite.)
     """
-    monkeypatch.setattr(attention, "_FLEX", {"compiled": {}, "failed": False})
+    monkeypatch.setattr(flex_module, "_FLEX", {"compiled": {}, "failed": False})
     assert_matches_eager(flex_attend, LAYOUTS["packed+tail+generative"](), torch.float32, grads=False)
-    assert "cpu" in attention._FLEX["compiled"] and not attention._FLEX["failed"]
+    assert "cpu" in flex_module._FLEX["compiled"] and not flex_module._FLEX["failed"]
 
 
 def test_flex_falls_back_when_compile_raises(monkeypatch) -> None:
     def broken_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(attention, "_FLEX", {"compiled": {}, "failed": False})
-    monkeypatch.setattr(attention, "_WARNED", set())
-    monkeypatch.setattr(attention, "_compile_flex", broken_compile)  # torch.compile itself: eager flex uses it
+    monkeypatch.setattr(flex_module, "_FLEX", {"compiled": {}, "failed": False})
+    monkeypatch.setattr(flex_module, "_WARNED", set())
+    monkeypatch.setattr(flex_module, "_compile_flex", broken_compile)  # torch.compile itself: eager flex uses it
     layout = LAYOUTS["packed+tail+generative"]()
     with pytest.warns(RuntimeWarning, match=r"torch.compile\(flex_attention\) is unavailable.*no C\+\+ compiler"):
         assert_matches_eager(flex_attend, layout, grads=False)
-    assert attention._FLEX["failed"]
+    assert flex_module._FLEX["failed"]
     with warnings.catch_warnings():  # one-time: the next call is quiet
         warnings.simplefilter("error", RuntimeWarning)
         assert_matches_eager(flex_attend, layout, grads=False)
@@ -270,11 +279,11 @@ def test_flex_falls_back_when_compiled_call_fails(monkeypatch) -> None:
     def failing(*args, **kwargs):
         raise RuntimeError("InductorError: CppCompileError")
 
-    monkeypatch.setattr(attention, "_FLEX", {"compiled": {"cpu": failing}, "failed": False})
-    monkeypatch.setattr(attention, "_WARNED", set())
+    monkeypatch.setattr(flex_module, "_FLEX", {"compiled": {"cpu": failing}, "failed": False})
+    monkeypatch.setattr(flex_module, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="falls back to the eager"):
         assert_matches_eager(flex_attend, LAYOUTS["padded+generative"](), grads=False)
-    assert attention._FLEX["failed"]
+    assert flex_module._FLEX["failed"]
 
 
 def assert_matches_eager_on_gpu(kernel, name: str, out_tol: float, grad_tol: float) -> None:
@@ -301,11 +310,11 @@ def assert_matches_eager_on_gpu(kernel, name: str, out_tol: float, grad_tol: flo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_flex_matches_eager_on_gpu(name: str, monkeypatch) -> None:
-    monkeypatch.setattr(attention, "_FLEX", {"compiled": {}, "failed": False})  # compiled, as in training
+    monkeypatch.setattr(flex_module, "_FLEX", {"compiled": {}, "failed": False})  # compiled, as in training
     # past dynamo's recompile limit torch runs flex_attention uncompiled without raising: make that an error
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     assert_matches_eager_on_gpu(flex_attend, name, 1e-4, 1e-4)
-    assert not attention._FLEX["failed"], "compiled flex_attention fell back to the eager one"
+    assert not flex_module._FLEX["failed"], "compiled flex_attention fell back to the eager one"
 
 
 @pytest.mark.gpu
@@ -423,3 +432,34 @@ def test_registry() -> None:
             get_kernel("flash")
     with pytest.raises(ScfmInputError, match="exact kernels eager, sdpa, flex or the approximate performer"):
         get_kernel("nope")
+
+
+def test_kernel_specs_flags_and_problems() -> None:
+    """Every conf/attention kernel has a spec; the flags validation reads; kernel_problem's reasons."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "attention"
+    configured = {OmegaConf.load(f).kernel for f in conf.glob("*.yaml")}
+    assert configured == set(SPECS) == {"eager", "sdpa", "flex", "flash", "performer"}
+    for name, spec in SPECS.items():
+        assert spec.name == name and spec.masks <= {"padding", "packed", "generative"} and spec.description
+        assert kernel_spec(name) is spec
+    everything = frozenset({"padding", "packed", "generative"})
+    assert [SPECS[n].masks for n in ("eager", "sdpa", "flex")] == [everything] * 3
+    assert SPECS["performer"].masks == SPECS["flash"].masks == frozenset({"padding", "packed"})
+    assert [n for n, s in SPECS.items() if s.exact] == ["eager", "sdpa", "flex", "flash"]
+    assert EXACT_KERNELS == ("eager", "sdpa", "flex", "flash")
+    assert [n for n, s in SPECS.items() if s.needs_cuda] == ["flash"]
+    assert SPECS["flash"].packages == ("flash_attn",) and all(not SPECS[n].packages for n in SPECS if n != "flash")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SPECS["sdpa"].exact = False
+    with pytest.raises(ScfmInputError, match="exact kernels eager, sdpa, flex or the approximate performer"):
+        kernel_spec("nope")
+
+    assert "generative" in kernel_problem("performer", needs={"padding", "generative"}, device_type="cuda")
+    assert kernel_problem("performer", needs={"padding", "packed"}, device_type="cpu") is None
+    assert kernel_problem("sdpa", needs={"padding", "packed", "generative"}, device_type="cpu") is None
+    assert "generative" in kernel_problem("flash", needs={"generative"}, device_type="cuda")
+    assert "CUDA" in kernel_problem("flash", needs={"padding"}, device_type="cpu")
+    if attention.flash_available():
+        assert kernel_problem("flash", needs={"padding", "packed"}, device_type="cuda") is None
+    elif importlib.util.find_spec("flash_attn") is None:
+        assert "flash_attn" in kernel_problem("flash", needs={"padding"}, device_type="cuda")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from scfm.errors import ScfmInputError
-from scfm.model.attention import Layout, orthogonal_gaussian
-from scfm.model.xtrimo import XtrimoConfig, XtrimoModel, favor_attention
+from scfm.model.attention import Layout, favor_attention, orthogonal_gaussian
+from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
 
 G = 40  # genes per cell; + T, S
 

@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError, require_positive_ints
-from scfm.model.attention import Layout, get_kernel, orthogonal_gaussian
+from scfm.model.attention import Layout, favor_attention, get_kernel, orthogonal_gaussian
 from scfm.model.embeddings import AutoDiscretizationEmbedding
 
-__all__ = ["XtrimoConfig", "XtrimoDecoder", "XtrimoEncoder", "XtrimoModel", "favor_attention"]
+__all__ = ["XtrimoConfig", "XtrimoDecoder", "XtrimoEncoder", "XtrimoModel"]
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -228,37 +228,10 @@ class XtrimoEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------- decoder
 
 
-def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, key_mask: Tensor | None = None,
-                    eps: float = 1e-4) -> Tensor:
-    """scFoundation's FAVOR+ (``softmax_kernel`` + ``linear_attention`` of its ``performer.py``), per cell.
-
-    q, k, v: [B, H, L, Dh]; projection: [m, Dh]; key_mask: [B, L] True = real key. Features
-    ``phi(x) = m^-1/2 (exp(w·x' - |x'|^2 / 2 - c) + eps)`` with ``x' = x · Dh^-1/4``; ``c`` is the max of ``w·x'``
-    per query token, and one max over all heads, keys and features of the cell for keys (both detached: the
-    forward equals scFoundation's; its gradient also flows through the maxima). -> [B, H, L, Dh].
-    """
-    Dh = q.shape[-1]
-    m = projection.shape[0]
-    norm, ratio = Dh**-0.25, m**-0.5
-    w = projection.to(q.dtype)
-    qd = (q * norm) @ w.T  # [B, H, L, m]
-    kd = (k * norm) @ w.T
-    q_diag = (q * q).sum(-1, keepdim=True) * (norm**2 / 2)  # [B, H, L, 1]
-    k_diag = (k * k).sum(-1, keepdim=True) * (norm**2 / 2)
-    phi_q = ratio * (torch.exp(qd - q_diag - qd.detach().amax(-1, keepdim=True)) + eps)
-    if key_mask is not None:
-        km = key_mask[:, None, :, None]  # [B, 1, L, 1]
-        k_max = kd.detach().masked_fill(~km, -math.inf).amax(dim=(1, 2, 3), keepdim=True)
-        phi_k = ratio * (torch.exp(kd - k_diag - k_max) + eps) * km
-    else:
-        phi_k = ratio * (torch.exp(kd - k_diag - kd.detach().amax(dim=(1, 2, 3), keepdim=True)) + eps)
-    k_sum = phi_k.sum(-2)  # [B, H, m]
-    context = phi_k.transpose(-1, -2) @ v  # [B, H, m, Dh]
-    return (phi_q @ context) / (phi_q @ k_sum[..., None])  # [B, H, L, Dh]
-
-
 class DecoderSelfAttention(nn.Module):
-    """Performer self-attention: ``to_q/to_k/to_v`` (with bias), attention, ``to_out``, dropout."""
+    """Performer self-attention: ``to_q/to_k/to_v`` (with bias), attention, ``to_out``, dropout. The attention is
+    scFoundation's FAVOR+ (:func:`scfm.model.attention.favor_attention` with this layer's ``projection_matrix``)
+    for ``decoder_attention="favor"``, else the registered kernel of that name."""
 
     def __init__(self, config: XtrimoConfig, layer: int) -> None:
         super().__init__()
@@ -288,7 +261,8 @@ class DecoderSelfAttention(nn.Module):
 
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
         if self.kernel is None:
-            out = favor_attention(q, k, v, self.projection_matrix, layout.padding_mask, self.eps)
+            out = favor_attention(q, k, v, self.projection_matrix, layout.padding_mask, eps=self.eps,
+                                  key_max="cell")  # scFoundation's FAVOR+, stabilised per cell
         else:
             out = self.kernel(q, k, v, layout, dropout_p=0.0)
         return self.dropout(self.to_out(out.transpose(1, 2).reshape(B, L, -1)))
