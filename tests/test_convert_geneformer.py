@@ -153,6 +153,14 @@ def test_config_fields(hf_dir: Path) -> None:
     assert (config.activation, config.dropout, config.attention_dropout, config.pad_id) == ("relu", 0.02, 0.02, 0)
     assert not any(k.startswith(("bert.", "cls.")) for k in ours)
     BertForMaskedGeneModeling(config).load_state_dict(ours, strict=True)
+    # HF's BertLayer names -> nn.TransformerEncoderLayer's: q; k; v packed, the rest renamed
+    hf = "bert.encoder.layer.1."
+    for t in ("weight", "bias"):
+        packed = torch.cat([state[f"{hf}attention.self.{n}.{t}"] for n in ("query", "key", "value")])
+        assert torch.equal(ours[f"encoder.layer.1.self_attn.in_proj_{t}"], packed)
+    for theirs, mine in (("attention.output.dense", "self_attn.out_proj"), ("attention.output.LayerNorm", "norm1"),
+                         ("intermediate.dense", "linear1"), ("output.dense", "linear2"), ("output.LayerNorm", "norm2")):
+        assert torch.equal(ours[f"encoder.layer.1.{mine}.weight"], state[f"{hf}{theirs}.weight"])
 
 
 # ---------------------------------------------------------------- errors
@@ -167,6 +175,18 @@ def test_missing_key_is_named(hf_dir: Path) -> None:
     cfg, state = _converted_inputs(hf_dir)
     del state["bert.encoder.layer.1.output.dense.bias"]
     with pytest.raises(ScfmInputError, match=r"bert\.encoder\.layer\.1\.output\.dense\.bias"):
+        convert_geneformer(state, cfg)
+
+
+def test_missing_query_key_or_value_is_named(hf_dir: Path) -> None:
+    cfg, state = _converted_inputs(hf_dir)
+    del state["bert.encoder.layer.0.attention.self.key.weight"]
+    with pytest.raises(ScfmInputError, match=r"bert\.encoder\.layer\.0\.attention\.self\.key\.weight"):
+        convert_geneformer(state, cfg)
+    cfg, state = _converted_inputs(hf_dir)
+    for n in ("query", "key", "value"):
+        del state[f"bert.encoder.layer.1.attention.self.{n}.bias"]
+    with pytest.raises(ScfmInputError, match=r"bert\.encoder\.layer\.1\.attention\.self\.\{query,key,value\}\.bias"):
         convert_geneformer(state, cfg)
 
 

@@ -288,7 +288,7 @@ def test_converted_model_matches_the_original_layout(tmp_path):
             emb = ref.encoder(ref.token_emb(x[..., None]) + ref.pos_emb(ids.long()), pad)
             pooled = torch.cat([emb[:, -1], emb[:, -2], emb[:, :-2].max(1).values, emb[:, :-2].mean(1)], 1)
             one = {k: v[b:b + 1] for k, v in batch.items()}
-            torch.testing.assert_close(ours.cell_embedding(one), pooled, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours.cell_embedding(one, ours.encode(one)), pooled, rtol=1e-5, atol=1e-5)
     # a saved conversion reads back
     save_converted(tmp_path / "xtrimo.pt", weights)
     again = load_converted(tmp_path / "xtrimo.pt")

@@ -195,7 +195,7 @@ def test_padded_and_packed_give_same_hidden_states(kernel: str) -> None:
                 out_p[key][i, :n], out_k[key][0, cu[i] : cu[i + 1]], atol=TOL, rtol=TOL
             )
     with torch.no_grad():
-        emb_p, emb_k = m.cell_embedding(pb), m.cell_embedding(pk)
+        emb_p, emb_k = m.cell_embedding(pb, m.encode(pb)), m.cell_embedding(pk, m.encode(pk))
     assert emb_p.shape == emb_k.shape == (3, 32)
     torch.testing.assert_close(emb_p, emb_k, atol=TOL, rtol=TOL)
     # And the pooled value is the mean over real tokens.
@@ -247,10 +247,10 @@ def test_no_nan_in_outputs_or_grads_with_padding(kernel: str) -> None:
     batch = padded_batch([*cells, torch.empty(0, dtype=torch.long)], length=12)  # one row is all padding
     out = m(batch)
     assert torch.isfinite(out["hidden"]).all() and torch.isfinite(out["logits"]).all()
-    (out["logits"].square().mean() + out["hidden"].sum() + m.cell_embedding(batch).sum()).backward()
+    (out["logits"].square().mean() + out["hidden"].sum() + m.cell_embedding(batch, out["hidden"]).sum()).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert torch.equal(m.eval().cell_embedding(batch)[-1], torch.zeros(32))
+    assert torch.equal(m.eval().cell_embedding(batch, m.encode(batch))[-1], torch.zeros(32))
 
 
 # ---------------------------------------------------------------- (e) packed cells are isolated
@@ -328,15 +328,16 @@ def test_decoder_tied_and_bert_init() -> None:
     assert m.mlm_head.decoder.bias is not None and (m.mlm_head.decoder.bias == 0).all()
     assert (m.embeddings.word_embeddings.weight[0] == 0).all()  # pad row
     names = dict(m.named_parameters())
-    assert "encoder.layer.1.attention.self.query.weight" in names
+    assert "encoder.layer.1.self_attn.in_proj_weight" in names  # nn.TransformerEncoderLayer's names
     assert "embeddings.position_embeddings.weight" in names
     for name, p in names.items():
         if "LayerNorm.weight" in name:
             assert (p == 1).all(), name
         elif name.endswith("bias"):
             assert (p == 0).all(), name
-    big = BertForMaskedGeneModeling(BertConfig(vocab_size=2000)).encoder.layer[0].intermediate.dense.weight
-    assert abs(big.std().item() - 0.02) < 1e-3 and abs(big.mean().item()) < 1e-3
+    big = BertForMaskedGeneModeling(BertConfig(vocab_size=2000)).encoder.layer[0]
+    for w in (big.linear1.weight, big.self_attn.in_proj_weight):  # normal(0, 0.02), the packed q/k/v too
+        assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3
 
 
 # ---------------------------------------------------------------- GPU (run with -m gpu)

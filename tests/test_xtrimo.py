@@ -50,12 +50,14 @@ def model() -> XtrimoModel:
 
 def test_encoder_sees_only_encoder_tokens(model):
     batch = make_batch()
-    enc, g = model.encode(batch)
+    g = model.encode(batch)
+    enc = g.hidden
     other = ~batch["encoder_mask"]
     changed = dict(batch)
     changed["values"] = torch.where(other, torch.rand_like(batch["values"]) * 5, batch["values"])
     changed["value_mask"] = batch["value_mask"] ^ other  # flip the mask everywhere the encoder does not look
-    enc2, g2 = model.encode(changed)
+    g2 = model.encode(changed)
+    enc2 = g2.hidden
     assert torch.equal(g.index, g2.index) and torch.equal(enc, enc2)
     # ... while the decoder does see them
     assert not torch.allclose(model(batch)["pred"], model(changed)["pred"])
@@ -64,7 +66,7 @@ def test_encoder_sees_only_encoder_tokens(model):
     poked = dict(batch)
     poked["values"] = batch["values"].clone()
     poked["values"][b, pos] += 1.0
-    assert not torch.allclose(model.encode(poked)[0][b], enc[b])
+    assert not torch.allclose(model.encode(poked).hidden[b], enc[b])
 
 
 def reference(model: XtrimoModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,11 +76,7 @@ def reference(model: XtrimoModel, batch: dict[str, torch.Tensor]) -> torch.Tenso
     layers = []
     for ours in model.encoder.layers:
         ref = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, cfg.ffn, dropout=0.0, batch_first=True).eval()
-        ref.self_attn.in_proj_weight.data.copy_(ours.self_attn.in_proj.weight)
-        ref.self_attn.in_proj_bias.data.copy_(ours.self_attn.in_proj.bias)
-        ref.self_attn.out_proj.load_state_dict(ours.self_attn.out_proj.state_dict())
-        for name in ("linear1", "linear2", "norm1", "norm2"):
-            getattr(ref, name).load_state_dict(getattr(ours, name).state_dict())
+        ref.load_state_dict(ours.state_dict())  # the same names: nn.TransformerEncoderLayer's
         layers.append(ref)
     preds = []
     for b in range(batch["values"].shape[0]):
@@ -145,14 +143,17 @@ def test_backward_reaches_every_parameter():
 def test_cell_embedding_is_scfoundations_pooling(model):
     batch = make_batch(B=3, seed=11)
     with torch.no_grad():
-        emb = model.cell_embedding(batch)
-        emb_max = model.cell_embedding(batch, pool="max")
+        hidden = model.encode(batch)
+        emb = model.cell_embedding(batch, hidden)
+        emb_max = model.cell_embedding(batch, hidden, pool="max")
+        emb_mean = model.cell_embedding(batch, hidden, pool="mean")
     D = model.config.hidden
-    assert emb.shape == (3, 4 * D) and emb_max.shape == (3, D)
+    assert emb.shape == (3, 4 * D) and emb_max.shape == emb_mean.shape == (3, D)
+    torch.testing.assert_close(emb_mean, emb[:, 3 * D:])
     for b in range(3):  # per cell, no padding: scFoundation's get_embedding.py on the encoder output
         one = {k: v[b:b + 1] for k, v in batch.items()}
         with torch.no_grad():
-            x = model.encode(one)[0][0]  # [n, D]: genes in order, then T, S
+            x = model.encode(one).hidden[0]  # [n, D]: genes in order, then T, S
         expected = torch.cat([x[-1], x[-2], x[:-2].max(0).values, x[:-2].mean(0)])
         torch.testing.assert_close(emb[b], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(emb_max[b], x.max(0).values, rtol=1e-5, atol=1e-5)

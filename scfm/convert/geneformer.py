@@ -1,6 +1,10 @@
 """Geneformer (Hugging Face ``BertForMaskedLM``) checkpoints -> :class:`~scfm.model.bert.BertForMaskedGeneModeling`.
 
-Weights. HF names lose their ``bert.`` prefix (see ``scfm.model.bert``); ``cls.predictions.transform.*`` becomes
+Weights. HF names lose their ``bert.`` prefix (see ``scfm.model.bert``); below ``encoder.layer.{i}.`` HF's
+``attention.self.{query,key,value}`` are concatenated (q; k; v rows) into ``self_attn.in_proj_{weight,bias}``,
+``attention.output.dense`` -> ``self_attn.out_proj``, ``attention.output.LayerNorm`` -> ``norm1``,
+``intermediate.dense`` -> ``linear1``, ``output.dense`` -> ``linear2``, ``output.LayerNorm`` -> ``norm2``
+(``nn.TransformerEncoderLayer``'s names, scfm's shared blocks); ``cls.predictions.transform.*`` becomes
 ``mlm_head.*`` and ``cls.predictions.bias`` ``mlm_head.decoder.bias``. Geneformer never passes
 ``token_type_ids``, so HF adds row 0 of ``token_type_embeddings`` to every token: that row is folded into the
 position embeddings (``position' = position + token_type[0]``, exact up to float rounding). The decoder weight
@@ -27,6 +31,7 @@ import dataclasses
 import io
 import json
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,6 +81,13 @@ _TOKEN_TYPE = "bert.embeddings.token_type_embeddings.weight"
 _DECODER_W, _DECODER_B, _PRED_BIAS = "cls.predictions.decoder.weight", "cls.predictions.decoder.bias", \
     "cls.predictions.bias"
 _WORD = "embeddings.word_embeddings.weight"
+_LAYER_NAMES = (("attention.output.dense.", "self_attn.out_proj."), ("attention.output.LayerNorm.", "norm1."),
+                ("intermediate.dense.", "linear1."), ("output.dense.", "linear2."), ("output.LayerNorm.", "norm2."))
+"""HF ``BertLayer`` sub-names -> ours (``nn.TransformerEncoderLayer``'s), below ``encoder.layer.{i}.``."""
+_QKV = ("query", "key", "value")
+_HF_QKV = re.compile(r"^(encoder\.layer\.\d+\.)attention\.self\.(query|key|value)\.(weight|bias)$")
+_IN_PROJ = re.compile(r"^(encoder\.layer\.\d+\.)self_attn\.in_proj_(weight|bias)$")
+_LAYER_KEY = re.compile(r"^(encoder\.layer\.\d+\.)(.+)$")
 
 
 # ---------------------------------------------------------------- config + weights
@@ -124,6 +136,19 @@ def config_from_hf(hf_config: Mapping[str, Any], attention: str = "sdpa") -> Ber
     )
 
 
+def _rename_layer(key: str, to_ours: bool = True) -> str:
+    """A layer key with HF's sub-name renamed to ours (``to_ours``) or back; other keys unchanged."""
+    m = _LAYER_KEY.match(key)
+    if m is None:
+        return key
+    prefix, rest = m.groups()
+    for hf, ours in _LAYER_NAMES:
+        old, new = (hf, ours) if to_ours else (ours, hf)
+        if rest.startswith(old):
+            return prefix + new + rest[len(old):]
+    return key
+
+
 def _our_name(hf_key: str) -> str | None:
     """scfm parameter name of an HF key; None when the key is handled apart (folded, tied, dropped)."""
     if hf_key in (_TOKEN_TYPE, _DECODER_W, _DECODER_B) or hf_key in _DROPPED or hf_key.startswith(_DROPPED_PREFIXES):
@@ -132,7 +157,7 @@ def _our_name(hf_key: str) -> str | None:
         return "mlm_head.decoder.bias"
     key = hf_key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
     if key.startswith("bert."):
-        return key[len("bert."):]
+        return _rename_layer(key[len("bert."):])
     if key.startswith("cls.predictions.transform."):
         return "mlm_head." + key[len("cls.predictions.transform."):]
     return "?" + hf_key  # unexpected: reported by the shape/name check below
@@ -146,7 +171,10 @@ def _hf_name(ours: str) -> str:
         return f"{_DECODER_W} (tied to bert.{_WORD})"
     if ours.startswith("mlm_head."):
         return "cls.predictions.transform." + ours[len("mlm_head."):]
-    return "bert." + ours
+    m = _IN_PROJ.match(ours)
+    if m is not None:
+        return f"bert.{m[1]}attention.self.{{query,key,value}}.{m[2]}"
+    return "bert." + _rename_layer(ours, to_ours=False)
 
 
 def _expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
@@ -164,15 +192,29 @@ def convert_geneformer(state_dict: Mapping[str, Tensor], hf_config: Mapping[str,
     config = config_from_hf(hf_config, attention)
     expected = _expected_shapes(config)
     out: dict[str, Tensor] = {}
+    qkv: dict[str, dict[str, Tensor]] = {}
     for hf_key, value in state_dict.items():
         ours = _our_name(hf_key)
         if ours is None:
+            continue
+        m = _HF_QKV.match(ours)
+        if m is not None:  # packed below, q; k; v
+            qkv.setdefault(f"{m[1]}self_attn.in_proj_{m[3]}", {})[m[2]] = value
             continue
         if ours not in expected or ours == "mlm_head.decoder.weight":
             raise ScfmInputError(f"unexpected key {hf_key!r} in the checkpoint", where="state dict",
                                  fix="convert a plain HF BertForMaskedLM (Geneformer pretrained) checkpoint; "
                                  "fine-tuned classifiers and other heads are not supported")
         out[ours] = value
+    for ours, parts in qkv.items():
+        hf = _hf_name(ours)
+        missing = [p for p in _QKV if p not in parts]
+        if missing:
+            raise ScfmInputError(f"checkpoint lacks {hf.replace('{query,key,value}', missing[0])!r}",
+                                 where="state dict", fix="give the complete BertForMaskedLM weights")
+        if len({tuple(parts[p].shape) for p in _QKV}) > 1:
+            raise ScfmInputError(f"{hf!r}: query, key and value differ in shape", where="state dict")
+        out[ours] = torch.cat([parts[p] for p in _QKV])
     if _PRED_BIAS not in state_dict and _DECODER_B in state_dict:  # some exports keep only the decoder's copy
         out["mlm_head.decoder.bias"] = state_dict[_DECODER_B]
     elif _DECODER_B in state_dict and not torch.equal(state_dict[_DECODER_B], state_dict[_PRED_BIAS]):

@@ -12,8 +12,9 @@ Layouts read (biomap-research/scFoundation ``model/load.py``):
 Shapes come from the tensors (hidden, bins, positions, layers, FFN, decoder heads and random features); the
 encoder's head count from the config (``encoder.heads``), else ``encoder_heads`` (default 12, scFoundation 100M).
 Names: ``token_emb.*``, ``pos_emb``, ``decoder_embed``, ``norm``, ``to_final`` are the same;
-``encoder.transformer_encoder.{i}.*`` (``nn.TransformerEncoderLayer``) -> ``encoder.layers.{i}.*`` with
-``self_attn.in_proj_{weight,bias}`` -> ``self_attn.in_proj.{weight,bias}``; the Performer's
+``encoder.transformer_encoder.{i}.*`` (``nn.TransformerEncoderLayer``) -> ``encoder.layers.{i}.*`` (scfm's shared
+blocks have the same sub-names: ``self_attn.{in_proj_weight,in_proj_bias,out_proj}``, ``linear1``, ``linear2``,
+``norm1``, ``norm2``); the Performer's
 ``decoder.performer.net.layers.{i}.0.{norm, fn.to_*, fn.fast_attention.projection_matrix}`` ->
 ``decoder.layers.{i}.{attn_norm, attn.to_*, attn.projection_matrix}``, ``....{i}.1.{norm, fn.fn.w1, fn.fn.w2}`` ->
 ``decoder.layers.{i}.{ffn_norm, ffn.w1, ffn.w2}``, ``decoder.performer.calls_since_last_redraw`` ->
@@ -134,8 +135,6 @@ def config_from_state(state: Mapping[str, Tensor], flat: Mapping[str, Any], atte
 
 
 _RENAMES = [
-    (r"^encoder\.transformer_encoder\.(\d+)\.self_attn\.in_proj_(weight|bias)$",
-     r"encoder.layers.\1.self_attn.in_proj.\2"),
     (r"^encoder\.transformer_encoder\.(\d+)\.", r"encoder.layers.\1."),
     (r"^decoder\.performer\.net\.layers\.(\d+)\.0\.norm\.", r"decoder.layers.\1.attn_norm."),
     (r"^decoder\.performer\.net\.layers\.(\d+)\.0\.fn\.fast_attention\.projection_matrix$",

@@ -1,45 +1,42 @@
 """BERT encoder with a masked-gene-modeling head (Geneformer V1 shape).
 
-Parameter names follow Hugging Face ``BertForMaskedLM`` without the ``bert.`` prefix, so a converter maps
-``bert.embeddings.*`` -> ``embeddings.*``, ``bert.encoder.layer.{i}.*`` -> ``encoder.layer.{i}.*`` (same
-sub-names: ``attention.self.query``, ``attention.output.dense``, ``intermediate.dense``, ``output.LayerNorm``,
-...), ``cls.predictions.transform.dense`` -> ``mlm_head.dense``, ``cls.predictions.transform.LayerNorm`` ->
-``mlm_head.LayerNorm``, ``cls.predictions.decoder.weight`` -> tied to ``embeddings.word_embeddings.weight``,
-``cls.predictions.bias`` -> ``mlm_head.decoder.bias``. There are no token-type embeddings and no pooler
-(HF's ``token_type_embeddings`` row 0 can be folded into the position embeddings when converting).
+The transformer layers are scfm's shared blocks (``scfm.model.blocks``, ``nn.TransformerEncoderLayer``'s names)
+with HF BERT's maths (post-LN, no dropout inside the FFN). Embedding and head names follow Hugging Face
+``BertForMaskedLM`` without the ``bert.`` prefix. The Geneformer converter (``scfm.convert.geneformer``) maps:
+
+- ``bert.embeddings.*`` -> ``embeddings.*`` (HF's ``token_type_embeddings`` row 0 is folded into the position
+  embeddings: there are no token-type embeddings here, and no pooler);
+- ``bert.encoder.layer.{i}.attention.self.{query,key,value}.{weight,bias}`` -> ``encoder.layer.{i}.self_attn.
+  in_proj_{weight,bias}`` (q; k; v concatenated along the output dimension, ``nn.MultiheadAttention``'s layout);
+  ``attention.output.dense`` -> ``self_attn.out_proj``; ``attention.output.LayerNorm`` -> ``norm1``;
+  ``intermediate.dense`` -> ``linear1``; ``output.dense`` -> ``linear2``; ``output.LayerNorm`` -> ``norm2``;
+- ``cls.predictions.transform.dense`` -> ``mlm_head.dense``, ``cls.predictions.transform.LayerNorm`` ->
+  ``mlm_head.LayerNorm``, ``cls.predictions.decoder.weight`` -> tied to ``embeddings.word_embeddings.weight``,
+  ``cls.predictions.bias`` -> ``mlm_head.decoder.bias``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError, require_positive_ints
 from scfm.model.attention import Layout, get_kernel
+from scfm.model.backbone import GeneStates, check_pool, first_tokens, mean_over_cells
+from scfm.model.blocks import ACTIVATIONS, BlockSpec, SelfAttention, TransformerStack
 from scfm.model.embeddings import ConditionEmbedding, check_value_embedding, embed_values, value_embedding
 
 __all__ = [
-    "ACTIVATIONS",
     "BertConfig",
     "BertEmbeddings",
     "BertEncoder",
     "BertForMaskedGeneModeling",
-    "BertLayer",
-    "BertSelfAttention",
     "MLMHead",
 ]
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # HF's name for the tanh approximation
-    "silu": F.silu,
-}
 
 
 @dataclass
@@ -56,12 +53,13 @@ class BertConfig:
     layers: int = 6
     heads: int = 4
     ffn: int = 512
+    activation: str = "relu"
     max_position: int = 2048
     dropout: float = 0.02
     attention_dropout: float = 0.02
-    activation: str = "relu"
     layer_norm_eps: float = 1e-12
     pad_id: int = 0
+    first_gene_id: int | None = None  # ids below are specials (<cls>, <eos>); objective mlm fills it in from the data
     attention: str = "sdpa"
     initializer_range: float = 0.02
     value_embedding: str = "none"  # none (rank: positions) / bins / mlp / autodiscretize (scfm.model.embeddings)
@@ -88,6 +86,9 @@ class BertConfig:
                 f"pad_id {self.pad_id} is outside the vocabulary [0, {self.vocab_size})",
                 where="BertConfig.pad_id",
             )
+        if self.first_gene_id is not None and not 0 <= self.first_gene_id <= self.vocab_size:
+            raise ScfmInputError(f"first_gene_id {self.first_gene_id} is outside [0, {self.vocab_size}]",
+                                 where="BertConfig.first_gene_id")
         if self.activation not in ACTIVATIONS:
             raise ScfmInputError(
                 f"unknown activation {self.activation!r}",
@@ -133,114 +134,15 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class BertSelfAttention(nn.Module):
-    """Separate q/k/v projections; the attention itself is the configured kernel (``attention.KERNELS``)."""
+class BertEncoder(TransformerStack):
+    """``layer.{i}``: ``config.layers`` post-LN :class:`~scfm.model.blocks.TransformerLayer` with HF BERT's maths
+    (hidden dropout ``dropout`` after the attention output and the FFN, none inside the FFN; attention-probability
+    dropout ``attention_dropout``), sharing one :class:`Layout`."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.heads = config.heads
-        self.head_dim = config.head_dim
-        self.query = nn.Linear(config.hidden, config.hidden)
-        self.key = nn.Linear(config.hidden, config.hidden)
-        self.value = nn.Linear(config.hidden, config.hidden)
-        self.attention_dropout = config.attention_dropout
-        self.kernel_name = config.attention
-        self.kernel = get_kernel(config.attention)
-
-    def _split(self, x: Tensor) -> Tensor:
-        B, L, _ = x.shape
-        return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, L, hidden] -> [B, L, hidden] (context vectors before the output projection)."""
-        B, L, D = x.shape
-        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-        p = self.attention_dropout if self.training else 0.0
-        ctx = self.kernel(q, k, v, layout, dropout_p=p)  # [B, H, L, Dh]
-        return ctx.transpose(1, 2).reshape(B, L, D)  # [B, L, hidden]
-
-
-class BertSelfOutput(nn.Module):
-    """Output projection + dropout + residual + LayerNorm (post-LN)."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.hidden, config.hidden)
-        self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """x, residual: [B, L, hidden] -> [B, L, hidden]."""
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
-class BertAttention(nn.Module):
-    """Self-attention block: ``self`` (q/k/v + kernel) then ``output`` (dense + residual + LayerNorm)."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.self = BertSelfAttention(config)
-        self.output = BertSelfOutput(config)
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, L, hidden] -> [B, L, hidden]."""
-        return self.output(self.self(x, layout), x)
-
-
-class BertIntermediate(nn.Module):
-    """FFN up-projection + activation."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.hidden, config.ffn)
-        self.act = ACTIVATIONS[config.activation]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, L, hidden] -> [B, L, ffn]."""
-        return self.act(self.dense(x))
-
-
-class BertOutput(nn.Module):
-    """FFN down-projection + dropout + residual + LayerNorm (post-LN)."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.ffn, config.hidden)
-        self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """x: [B, L, ffn], residual: [B, L, hidden] -> [B, L, hidden]."""
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
-class BertLayer(nn.Module):
-    """One post-LN transformer layer as in HF BERT: attention block, then FFN block."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, L, hidden] -> [B, L, hidden]."""
-        x = self.attention(x, layout)
-        return self.output(self.intermediate(x), x)
-
-
-class BertEncoder(nn.Module):
-    """A stack of ``config.layers`` :class:`BertLayer` sharing one :class:`Layout`."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.layers))
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, L, hidden] -> [B, L, hidden]."""
-        for layer in self.layer:
-            x = layer(x, layout)
-        return x
+        super().__init__(BlockSpec.of(config, attention_dropout=config.attention_dropout,
+                                      activation=config.activation, ffn_dropout=False, qkv_init="linear",
+                                      layers_name="layer"))
 
 
 class MLMHead(nn.Module):
@@ -267,7 +169,13 @@ class BertForMaskedGeneModeling(nn.Module):
 
     Batch keys: ``gene_ids`` [B, L], ``positions`` [B, L], and either ``padding_mask`` [B, L] (padded) or
     ``doc_ids`` [1, T] + ``cu_seqlens`` [n+1] (packed; ``padding_mask`` optional).
+
+    A :class:`~scfm.model.backbone.Backbone`: ``encode(batch)`` -> hidden [B, L, hidden]; cell embeddings
+    ``mean`` (default, Geneformer's: the mean over each cell's real tokens) or ``cls`` (each cell's first token,
+    for Geneformer V2 cells that start with ``<cls>``).
     """
+
+    POOLS: ClassVar[tuple[str, ...]] = ("mean", "cls")
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -275,13 +183,19 @@ class BertForMaskedGeneModeling(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.mlm_head = MLMHead(config)
-        self.apply(self._init_weights)
+        for module in self.modules():  # pre-order: q/k/v before out_proj, as HF's separate Linears
+            self._init_weights(module)
         self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tie
 
     def _init_weights(self, module: nn.Module) -> None:
-        """BERT init: normal(0, initializer_range) weights, zero biases, LayerNorm weight 1 / bias 0."""
+        """BERT init: normal(0, initializer_range) weights (q, k and v of the packed projection one after the
+        other, as HF's three Linears), zero biases, LayerNorm weight 1 / bias 0."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, SelfAttention):
+            for w in module.in_proj_weight.data.chunk(3):
+                nn.init.normal_(w, mean=0.0, std=std)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -294,8 +208,13 @@ class BertForMaskedGeneModeling(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of ``encode``'s hidden states."""
+        return self.config.hidden
+
     def encode(self, batch: Mapping[str, Any] | Any, layout: Layout | None = None) -> Tensor:
-        """Final hidden states [B, L, hidden]."""
+        """Final hidden states [B, L, hidden] (``layout``: the batch's, when already built)."""
         layout = Layout.from_batch(batch) if layout is None else layout
         x = self.embeddings(batch["gene_ids"], batch["positions"], batch)  # [B, L, hidden]
         return self.encoder(x, layout)
@@ -305,36 +224,32 @@ class BertForMaskedGeneModeling(nn.Module):
         hidden = self.encode(batch)
         return {"hidden": hidden, "logits": self.mlm_head(hidden)}
 
-    def cell_embedding(self, batch: Mapping[str, Any] | Any, hidden: Tensor | None = None) -> Tensor:
-        """Mean of final hidden states over each cell's real tokens.
+    def cell_embedding_size(self, pool: str | None = None) -> int:
+        """``hidden`` for every pool."""
+        check_pool(pool or "mean", self.POOLS, type(self).__name__)
+        return self.config.hidden
 
-        Padded batch -> [B, hidden]; packed batch (B == 1) -> [n_cells, hidden], cell i = ``doc_ids == i``.
-        A cell with no real token gets zeros. Pass ``hidden`` to reuse a forward pass.
+    def cell_embedding(self, batch: Mapping[str, Any] | Any, hidden: Tensor, pool: str | None = None) -> Tensor:
+        """[n_cells, hidden] from ``hidden = encode(batch)``: ``mean`` (default) over each cell's real tokens (a
+        cell without any gets zeros) or ``cls``, each cell's first token.
+
+        Padded batch -> one cell per row; packed batch (B == 1) -> cell i = ``doc_ids == i``.
         """
+        if check_pool(pool or "mean", self.POOLS, type(self).__name__) == "cls":
+            return first_tokens(hidden, batch)
         layout = Layout.from_batch(batch)
-        hidden = self.encode(batch, layout) if hidden is None else hidden  # [B, L, D]
-        B, L, D = hidden.shape
-        real = layout.padding_mask
-        if real is None:
-            real = hidden.new_ones(B, L, dtype=torch.bool)  # [B, L]
-        if not layout.is_packed:
-            w = real.to(hidden.dtype)  # [B, L]
-            summed = torch.einsum("bl,bld->bd", w, hidden)  # [B, D]
-            return summed / w.sum(dim=1, keepdim=True).clamp_min(1.0)
-        if B != 1:
-            raise ScfmInputError(
-                f"packed batches must have one row, got {B}",
-                where="batch['doc_ids']",
-                fix="pack all cells into a single [1, T] row",
-            )
-        doc = layout.doc_ids[0]  # [T]
+        return mean_over_cells(hidden, layout.padding_mask, layout.doc_ids, layout.cu_seqlens)
+
+    def gene_embeddings(self, batch: Mapping[str, Any] | Any, hidden: Tensor) -> GeneStates:
+        """``GeneStates(hidden [B, L, hidden], is_gene [B, L])``: ``is_gene`` marks real tokens that are not
+        ``<pad>`` and, when ``config.first_gene_id`` is known, not a special token (``<cls>``, ``<eos>``)."""
+        layout = Layout.from_batch(batch)
+        gene_ids = batch["gene_ids"]
+        is_gene = gene_ids != self.config.pad_id
+        if layout.padding_mask is not None:
+            is_gene = is_gene & layout.padding_mask
         if layout.cu_seqlens is not None:
-            n_cells = layout.cu_seqlens.numel() - 1
-        else:
-            n_cells = int(doc[real[0]].max()) + 1 if bool(real.any()) else 0
-        valid = real[0] & (doc >= 0) & (doc < n_cells)  # [T]
-        idx = torch.where(valid, doc, 0)  # [T]
-        w = valid.to(hidden.dtype)  # [T]
-        summed = hidden.new_zeros(n_cells, D).index_add_(0, idx, hidden[0] * w[:, None])  # [n, D]
-        counts = hidden.new_zeros(n_cells).index_add_(0, idx, w)  # [n]
-        return summed / counts.clamp_min(1.0)[:, None]
+            is_gene = is_gene & (layout.doc_ids < layout.cu_seqlens.numel() - 1)
+        if self.config.first_gene_id is not None:
+            is_gene = is_gene & (gene_ids >= self.config.first_gene_id)
+        return GeneStates(hidden, is_gene)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError, require_positive_ints
 from scfm.model.attention import Layout, get_kernel
+from scfm.model.backbone import GeneStates, cell_starts, check_pool, first_tokens, mean_over_cells
+from scfm.model.blocks import BlockSpec, TransformerStack
 from scfm.model.embeddings import ConditionEmbedding, ContinuousValueEncoder, TokenEncoder
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
     "ExprDecoder",
     "MVCDecoder",
     "ScGPTConfig",
-    "ScGPTLayer",
+    "ScGPTEncoder",
     "ScGPTModel",
     "ecs_loss",
     "grad_reverse",
@@ -86,6 +88,7 @@ class ScGPTConfig:
     hidden: int = 512
     heads: int = 8
     ffn: int = 512
+    pre_norm: bool = False
     dropout: float = 0.2
     attention: str = "sdpa"
     value_embedding: str = "mlp"
@@ -94,7 +97,6 @@ class ScGPTConfig:
     max_value: float = 512.0
     cls_id: int | None = None
     cls_value: float = -2.0
-    pre_norm: bool = False
     layer_norm_eps: float = 1e-5
     cell_emb_style: str = "cls"
     mvc: bool = True
@@ -181,77 +183,15 @@ def grad_reverse(x: Tensor, lambd: float = 1.0) -> Tensor:
     return _GradReverse.apply(x, lambd)
 
 
-class ScGPTSelfAttention(nn.Module):
-    """``nn.MultiheadAttention``'s parameters (packed ``in_proj_weight`` [3D, D] = q; k; v rows, ``out_proj``);
-    the attention itself is the configured kernel."""
+class ScGPTEncoder(TransformerStack):
+    """``transformer_encoder``: ``layers.{i}``, scfm's :class:`~scfm.model.blocks.TransformerLayer` with scGPT's
+    recipe (``nn.TransformerEncoderLayer``: ReLU, post-LN, one dropout, also inside the FFN and on the attention
+    probabilities); ``pre_norm`` is scGPT's variant (``FlashTransformerEncoderLayer``: normalise, then add the
+    sub-layer output to the normalised input); ``unknown_out_proj`` its generative quirk (module docstring)."""
 
     def __init__(self, config: ScGPTConfig) -> None:
-        super().__init__()
-        D = config.hidden
-        self.heads, self.head_dim = config.heads, config.head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * D, D))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * D))
-        self.out_proj = nn.Linear(D, D)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-        self.dropout = config.dropout
-        self.kernel = get_kernel(config.attention)
-        self.unknown_out_proj = config.unknown_out_proj
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, L, D] -> [B, L, D]."""
-        B, L, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
-        q, k, v = qkv.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, L, Dh]
-        ctx = self.kernel(q, k, v, layout, dropout_p=self.dropout if self.training else 0.0)
-        ctx = ctx.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
-        out = self.out_proj(ctx)
-        if not self.unknown_out_proj and layout.known is not None:
-            out = torch.where(layout.known[..., None], out, ctx)  # scGPT's identity cross-attention projection
-        return out
-
-
-class ScGPTLayer(nn.Module):
-    """``nn.TransformerEncoderLayer`` (ReLU, post-LN) with scGPT's names; ``pre_norm`` is scGPT's variant
-    (``FlashTransformerEncoderLayer``: normalise, then add the sub-layer output to the normalised input)."""
-
-    def __init__(self, config: ScGPTConfig) -> None:
-        super().__init__()
-        D, eps = config.hidden, config.layer_norm_eps
-        self.self_attn = ScGPTSelfAttention(config)
-        self.linear1 = nn.Linear(D, config.ffn)
-        self.dropout = nn.Dropout(config.dropout)
-        self.linear2 = nn.Linear(config.ffn, D)
-        self.norm1 = nn.LayerNorm(D, eps=eps)
-        self.norm2 = nn.LayerNorm(D, eps=eps)
-        self.dropout1 = nn.Dropout(config.dropout)
-        self.dropout2 = nn.Dropout(config.dropout)
-        self.pre_norm = config.pre_norm
-
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, L, D] -> [B, L, D]."""
-        if self.pre_norm:
-            x = self.norm1(x)
-            x = self.norm2(x + self.dropout1(self.self_attn(x, layout)))
-            return x + self._ffn(x)
-        x = self.norm1(x + self.dropout1(self.self_attn(x, layout)))
-        return self.norm2(x + self._ffn(x))
-
-
-class ScGPTEncoder(nn.Module):
-    """``transformer_encoder``: ``layers.{i}`` sharing one :class:`Layout`."""
-
-    def __init__(self, config: ScGPTConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(ScGPTLayer(config) for _ in range(config.layers))
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, layout)
-        return x
+        super().__init__(BlockSpec.of(config, norm="scgpt-pre" if config.pre_norm else "post",
+                                      unknown_out_proj=config.unknown_out_proj))
 
 
 def _mlp3(d_in: int, d: int) -> nn.Sequential:
@@ -367,7 +307,13 @@ class ScGPTModel(nn.Module):
     ``cell_emb`` [n_cells, D], ``pred`` [B, L] (GEP), and with the options ``mvc_pred`` [B, L] (GEPC),
     ``zero_probs`` / ``mvc_zero_probs``, ``cls_logits`` [n, n_cls], ``dab_logits`` [n, n_batch].
     ``known`` [B, L] switches on the generative mask (see the module docstring).
+
+    A :class:`~scfm.model.backbone.Backbone`: ``encode(batch)`` -> hidden [B, L, D]; cell embeddings ``cls``
+    (``<cls>``'s output), ``mean`` / ``avg-pool`` (the mean over the cell's real tokens); the default is
+    ``config.cell_emb_style``.
     """
+
+    POOLS: ClassVar[tuple[str, ...]] = ("cls", "mean", "avg-pool")
 
     def __init__(self, config: ScGPTConfig) -> None:
         super().__init__()
@@ -400,19 +346,7 @@ class ScGPTModel(nn.Module):
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)  # scGPT's init_weights
 
     # -- layout helpers ------------------------------------------------------------------------
-    @staticmethod
-    def cell_starts(batch: Mapping[str, Any] | Any) -> tuple[Tensor, Tensor]:
-        """(row, column) of each cell's first token (its ``<cls>``): padded -> (arange(B), 0), packed ->
-        (0, cu_seqlens[:-1])."""
-        gene_ids = batch["gene_ids"]
-        cu = batch.get("cu_seqlens", None)
-        if batch.get("doc_ids", None) is not None:
-            if cu is None:
-                raise ScfmInputError("a packed batch needs cu_seqlens", where="batch['cu_seqlens']")
-            cols = cu[:-1].long()
-            return torch.zeros_like(cols), cols
-        rows = torch.arange(gene_ids.shape[0], device=gene_ids.device)
-        return rows, torch.zeros_like(rows)
+    cell_starts = staticmethod(cell_starts)  # (row, column) of each cell's <cls> (scfm.model.backbone)
 
     @staticmethod
     def per_token(cell_values: Tensor, batch: Mapping[str, Any] | Any) -> Tensor:
@@ -454,16 +388,22 @@ class ScGPTModel(nn.Module):
             values = values.masked_fill(gene_ids == c.cls_id, cls_fill)
         return values
 
-    def embed(self, batch: Mapping[str, Any] | Any, known: Tensor | None = None,
-              cls_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(token embeddings [B, L, D], gene embeddings [B, L, D]).
+    def gene_input_embeddings(self, batch: Mapping[str, Any] | Any) -> Tensor:
+        """The GeneEncoder output [B, L, D] (gene embedding + LayerNorm; no value, no context): part of every
+        token's input and the MVC/GEPC head's queries. Pass it to :meth:`encode` as ``gene_embs`` so that one
+        lookup serves both."""
+        return self.encoder(batch["gene_ids"])
+
+    def embed(self, batch: Mapping[str, Any] | Any, known: Tensor | None = None, cls_input: Tensor | None = None,
+              gene_embs: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, L, D], the transformer's input.
 
         Known tokens (all when ``known`` is None): gene + value embedding; unknown tokens: gene embedding +
         ``flag_encoder(1)``. ``cls_input`` [n_cells, D] replaces each cell's ``<cls>`` input (scGPT's
-        ``input_cell_emb``)."""
+        ``input_cell_emb``); ``gene_embs``: :meth:`gene_input_embeddings`, when already computed."""
         c = self.config
         gene_ids = batch["gene_ids"]
-        gene = self.encoder(gene_ids)  # [B, L, D]
+        gene = self.gene_input_embeddings(batch) if gene_embs is None else gene_embs  # [B, L, D]
         values = self.value_encoder(self.value_input(batch))  # [B, L, D]
         if known is None:
             x = gene + values
@@ -481,33 +421,49 @@ class ScGPTModel(nn.Module):
         if cls_input is not None:
             rows, cols = self.cell_starts(batch)
             x = x.index_put((rows, cols), cls_input.to(x.dtype))
-        return x, gene
+        return x
 
-    def encode(self, batch: Mapping[str, Any] | Any, known: Tensor | None = None,
-               cls_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(hidden [B, L, D], gene embeddings [B, L, D]); ``known`` [B, L] applies the generative mask."""
+    @property
+    def hidden_size(self) -> int:
+        """Width of ``encode``'s hidden states."""
+        return self.config.hidden
+
+    def encode(self, batch: Mapping[str, Any] | Any, known: Tensor | None = None, cls_input: Tensor | None = None,
+               gene_embs: Tensor | None = None) -> Tensor:
+        """Final hidden states [B, L, D]; ``known`` [B, L] applies the generative mask, ``cls_input`` and
+        ``gene_embs`` as in :meth:`embed`."""
         layout = Layout.from_batch(batch)
         if known is not None:
             layout = Layout(padding_mask=layout.padding_mask, doc_ids=layout.doc_ids, cu_seqlens=layout.cu_seqlens,
                             known=known)
-        x, gene = self.embed(batch, known, cls_input)
-        return self.transformer_encoder(x, layout), gene
+        return self.transformer_encoder(self.embed(batch, known, cls_input, gene_embs), layout)
 
     # -- heads ---------------------------------------------------------------------------------
-    def cell_embedding(self, batch: Mapping[str, Any] | Any, hidden: Tensor) -> Tensor:
-        """[n_cells, D]: the ``<cls>`` output (``cls``) or the mean of the cell's real tokens (``avg-pool``)."""
-        if self.config.cell_emb_style == "cls":
-            rows, cols = self.cell_starts(batch)
-            return hidden[rows, cols]
-        real = self.real_tokens(batch)
-        doc = batch.get("doc_ids", None)
-        if doc is None:
-            w = real.to(hidden.dtype)
-            return torch.einsum("bl,bld->bd", w, hidden) / w.sum(1, keepdim=True).clamp_min(1.0)
-        n = batch["cu_seqlens"].numel() - 1
-        idx = doc[real].long()
-        summed = hidden.new_zeros(n, hidden.shape[-1]).index_add_(0, idx, hidden[real])
-        return summed / torch.bincount(idx, minlength=n).clamp_min(1)[:, None].to(hidden.dtype)
+    def _pool(self, pool: str | None) -> str:
+        pool = check_pool(self.config.cell_emb_style if pool is None else pool, self.POOLS, type(self).__name__)
+        return "mean" if pool == "avg-pool" else pool
+
+    def cell_embedding_size(self, pool: str | None = None) -> int:
+        """``hidden`` for every pool."""
+        self._pool(pool)
+        return self.config.hidden
+
+    def cell_embedding(self, batch: Mapping[str, Any] | Any, hidden: Tensor, pool: str | None = None) -> Tensor:
+        """[n_cells, D]: the ``<cls>`` output (``cls``) or the mean of the cell's real tokens (``mean`` =
+        ``avg-pool``); None: ``config.cell_emb_style``."""
+        if self._pool(pool) == "cls":
+            return first_tokens(hidden, batch)
+        return mean_over_cells(hidden, batch.get("padding_mask", None), batch.get("doc_ids", None),
+                               batch.get("cu_seqlens", None))
+
+    def gene_embeddings(self, batch: Mapping[str, Any] | Any, hidden: Tensor) -> GeneStates:
+        """``GeneStates(hidden [B, L, D], is_gene [B, L])``: ``is_gene`` marks real tokens other than ``<cls>``
+        (``config.cls_id``) and ``<pad>``."""
+        gene_ids = batch["gene_ids"]
+        is_gene = self.real_tokens(batch) & (gene_ids != self.config.pad_id)
+        if self.config.cls_id is not None and self.config.cls_id >= 0:
+            is_gene = is_gene & (gene_ids != self.config.cls_id)
+        return GeneStates(hidden, is_gene)
 
     def batch_embedding(self, batch: Mapping[str, Any] | Any) -> Tensor | None:
         """[n_cells, D] batch-label embedding (``use_batch_labels``), else None."""
@@ -530,7 +486,8 @@ class ScGPTModel(nn.Module):
     def forward(self, batch: Mapping[str, Any] | Any, known: Tensor | None = None,
                 cls_input: Tensor | None = None) -> dict[str, Tensor]:
         """All outputs over the whole token grid (see the class docstring)."""
-        hidden, gene = self.encode(batch, known, cls_input)
+        gene = self.gene_input_embeddings(batch)
+        hidden = self.encode(batch, known, cls_input, gene_embs=gene)
         cell = self.cell_embedding(batch, hidden)
         batch_emb = self.batch_embedding(batch)
         batch_tok = self.per_token(batch_emb, batch) if batch_emb is not None else None

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +57,11 @@ from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError, require_positive_ints
 from scfm.model.attention import Layout, favor_attention, get_kernel, orthogonal_gaussian
+from scfm.model.backbone import GeneStates, check_pool, masked_max, mean_over_cells
+from scfm.model.blocks import ACTIVATIONS, BlockSpec, TransformerStack
 from scfm.model.embeddings import AutoDiscretizationEmbedding
 
-__all__ = ["XtrimoConfig", "XtrimoDecoder", "XtrimoEncoder", "XtrimoModel"]
-
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+__all__ = ["Encoded", "XtrimoConfig", "XtrimoDecoder", "XtrimoEncoder", "XtrimoModel"]
 
 
 @dataclass
@@ -129,9 +129,9 @@ class XtrimoConfig:
         for name in ("dropout", "decoder_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ScfmInputError(f"{name} must be in [0, 1), got {getattr(self, name)!r}", where=f"model.{name}")
-        if self.activation not in _ACTIVATIONS:
+        if self.activation not in ACTIVATIONS:
             raise ScfmInputError(f"unknown activation {self.activation!r}", where="model.activation",
-                                 fix=f"use one of: {', '.join(_ACTIVATIONS)}")
+                                 fix=f"use one of: {', '.join(ACTIVATIONS)}")
         if self.value_embedding != "autodiscretize":
             raise ScfmInputError(f"xtrimo embeds values by auto-discretisation only, got {self.value_embedding!r}",
                                  where="model.value_embedding", fix="model.value_embedding=autodiscretize")
@@ -166,63 +166,17 @@ class XtrimoConfig:
 # ------------------------------------------------------------------------------------------- encoder
 
 
-class EncoderSelfAttention(nn.Module):
-    """Packed q/k/v projection (``nn.MultiheadAttention``'s ``in_proj``) + the configured kernel + ``out_proj``."""
+class XtrimoEncoder(TransformerStack):
+    """scFoundation's ``pytorchTransformerModule``: ``layers.{i}``, scfm's
+    :class:`~scfm.model.blocks.TransformerLayer` with ``nn.TransformerEncoderLayer``'s maths (post-LN, or
+    ``norm_first``; one dropout, also inside the FFN and on the attention probabilities), then the final
+    LayerNorm ``norm`` (eps 1e-5, as scFoundation's). The packed q/k/v projection is initialised as one
+    ``nn.Linear(hidden, 3 hidden)``."""
 
     def __init__(self, config: XtrimoConfig) -> None:
-        super().__init__()
-        self.heads, self.head_dim = config.heads, config.head_dim
-        self.in_proj = nn.Linear(config.hidden, 3 * config.hidden)
-        self.out_proj = nn.Linear(config.hidden, config.hidden)
-        self.kernel = get_kernel(config.attention)
-        self.dropout = config.dropout
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
-        B, N, D = x.shape
-        q, k, v = self.in_proj(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, N, Dh]
-        ctx = self.kernel(q, k, v, layout, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(ctx.transpose(1, 2).reshape(B, N, D))
-
-
-class EncoderLayer(nn.Module):
-    """``nn.TransformerEncoderLayer`` maths (post-LN by default) with a pluggable attention kernel."""
-
-    def __init__(self, config: XtrimoConfig) -> None:
-        super().__init__()
-        self.self_attn = EncoderSelfAttention(config)
-        self.linear1 = nn.Linear(config.hidden, config.ffn)
-        self.linear2 = nn.Linear(config.ffn, config.hidden)
-        self.norm1 = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
-        self.act = _ACTIVATIONS[config.activation]
-        self.norm_first = config.norm_first
-
-    def _ff(self, x: Tensor) -> Tensor:
-        return self.dropout(self.linear2(self.dropout(self.act(self.linear1(x)))))
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
-        if self.norm_first:
-            x = x + self.dropout(self.self_attn(self.norm1(x), layout))
-            return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self.dropout(self.self_attn(x, layout)))
-        return self.norm2(x + self._ff(x))
-
-
-class XtrimoEncoder(nn.Module):
-    """``layers`` encoder layers + a final LayerNorm (scFoundation ``pytorchTransformerModule``)."""
-
-    def __init__(self, config: XtrimoConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
-        self.norm = nn.LayerNorm(config.hidden)
-
-    def forward(self, x: Tensor, layout: Layout) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, layout)
-        return self.norm(x)
+        super().__init__(BlockSpec.of(config, activation=config.activation,
+                                      norm="pre" if config.norm_first else "post", qkv_init="linear",
+                                      final_norm_eps=1e-5))
 
 
 # ------------------------------------------------------------------------------------------- decoder
@@ -344,9 +298,25 @@ class Gathered:
     real: Tensor
 
 
+@dataclass
+class Encoded(Gathered):
+    """``XtrimoModel.encode``'s ``hidden``: the encoder output ``hidden`` [B, N, hidden] over the gathered
+    encoder tokens (non-zero, unmasked genes + T + S; the encoder sees no other token), with their positions
+    ``index`` [B, N] in the full row and ``real`` [B, N] (False: padding of the gathered batch)."""
+
+    hidden: Tensor
+
+
 class XtrimoModel(nn.Module):
     """scFoundation's ``MaeAutobin`` (see the module docstring). Batch keys: ``values``, ``value_mask``,
-    ``encoder_mask``, ``token_kind``, ``positions`` [B, L], ``padding_mask`` optional."""
+    ``encoder_mask``, ``token_kind``, ``positions`` [B, L], ``padding_mask`` optional.
+
+    A :class:`~scfm.model.backbone.Backbone` whose ``encode(batch)`` is an :class:`Encoded` (the encoder over
+    its gathered tokens only); cell embeddings ``all`` (default, scFoundation's: [S, T, max, mean] ->
+    4 × hidden), ``max`` (over all encoder tokens) and ``mean`` (over the encoder's gene tokens).
+    """
+
+    POOLS: ClassVar[tuple[str, ...]] = ("all", "max", "mean")
 
     def __init__(self, config: XtrimoConfig) -> None:
         super().__init__()
@@ -396,8 +366,13 @@ class XtrimoModel(nn.Module):
         real = torch.arange(n, device=encoder_mask.device)[None] < counts[:, None]  # [B, N]
         return Gathered(index, real)
 
-    def encode(self, batch: Mapping[str, Any] | Any) -> tuple[Tensor, Gathered]:
-        """Encoder output over the ``encoder_mask`` tokens: ([B, N, hidden], their positions)."""
+    @property
+    def hidden_size(self) -> int:
+        """Width of the encoder's hidden states (``Encoded.hidden``)."""
+        return self.config.hidden
+
+    def encode(self, batch: Mapping[str, Any] | Any) -> Encoded:
+        """Encoder output over the ``encoder_mask`` tokens, with their positions (:class:`Encoded`)."""
         padding_mask = self._check(batch)
         enc_mask = _get(batch, "encoder_mask")
         if padding_mask is not None:
@@ -407,7 +382,7 @@ class XtrimoModel(nn.Module):
         positions = self._positions(batch, padding_mask).gather(1, g.index).masked_fill(~g.real,
                                                                                        self.config.max_seq_len)
         x = self.token_emb(values, None, g.real) + self.pos_emb(positions)  # [B, N, hidden]
-        return self.encoder(x, Layout(padding_mask=g.real)), g
+        return Encoded(g.index, g.real, self.encoder(x, Layout(padding_mask=g.real)))
 
     def decode(self, batch: Mapping[str, Any] | Any, encoded: Tensor, g: Gathered) -> Tensor:
         """Decoder hidden states over the full length, after ``norm``: [B, L, decoder_hidden]."""
@@ -452,28 +427,40 @@ class XtrimoModel(nn.Module):
     def forward(self, batch: Mapping[str, Any] | Any) -> dict[str, Tensor]:
         """``pred`` [B, n_genes] (values predicted at every gene), ``encoded`` [B, N, hidden], ``encoder_index``
         and ``encoder_real`` [B, N]."""
-        encoded, g = self.encode(batch)
-        hidden = self.genes(self.decode(batch, encoded, g), batch)  # [B, G, decoder_hidden]: T/S dropped
-        return {"pred": self.to_final(hidden).squeeze(-1), "encoded": encoded, "encoder_index": g.index,
-                "encoder_real": g.real}
+        enc = self.encode(batch)
+        hidden = self.genes(self.decode(batch, enc.hidden, enc), batch)  # [B, G, decoder_hidden]: T/S dropped
+        return {"pred": self.to_final(hidden).squeeze(-1), "encoded": enc.hidden, "encoder_index": enc.index,
+                "encoder_real": enc.real}
 
-    def cell_embedding(self, batch: Mapping[str, Any] | Any, pool: str = "all") -> Tensor:
-        """scFoundation's cell embedding from the encoder: ``all`` -> [B, 4 × hidden] = [S, T, max over genes,
-        mean over genes]; ``max`` -> [B, hidden], the max over all encoder tokens."""
-        if pool not in ("all", "max"):
-            raise ScfmInputError(f"unknown pool {pool!r}", where="cell_embedding", fix="pool='all' or 'max'")
-        encoded, g = self.encode(batch)  # [B, N, D]
+    def _kinds(self, batch: Mapping[str, Any] | Any, hidden: Encoded) -> Tensor:
+        """[B, N] token kind of each encoder token (0 gene, 1 T, 2 S; -1 padding)."""
+        return _get(batch, "token_kind").gather(1, hidden.index).masked_fill(~hidden.real, -1)
+
+    def cell_embedding_size(self, pool: str | None = None) -> int:
+        """``4 × hidden`` for ``all``, ``hidden`` for ``max`` and ``mean``."""
+        pool = check_pool(pool or "all", self.POOLS, type(self).__name__)
+        return 4 * self.config.hidden if pool == "all" else self.config.hidden
+
+    def cell_embedding(self, batch: Mapping[str, Any] | Any, hidden: Encoded, pool: str | None = None) -> Tensor:
+        """scFoundation's cell embedding (``get_embedding.py``) from ``hidden = encode(batch)``: ``all`` (default)
+        -> [B, 4 × hidden] = [S, T, max over genes, mean over genes]; ``max`` -> [B, hidden], the max over all
+        encoder tokens (their ``pool_type='max'``); ``mean`` -> [B, hidden], the mean over the encoder's genes."""
+        pool = check_pool(pool or "all", self.POOLS, type(self).__name__)
+        x = hidden.hidden  # [B, N, D]
         if pool == "max":
-            return encoded.masked_fill(~g.real[..., None], -math.inf).amax(1)
-        kind = _get(batch, "token_kind").gather(1, g.index).masked_fill(~g.real, -1)  # [B, N]
+            return masked_max(x, hidden.real)
+        kind = self._kinds(batch, hidden)  # [B, N]
+        gmean = mean_over_cells(x, kind == 0)
+        if pool == "mean":
+            return gmean
 
         def pick(k: int) -> Tensor:  # the (single) token of kind k, zeros if absent
-            w = (kind == k).to(encoded.dtype)
-            return torch.einsum("bn,bnd->bd", w, encoded)
+            return torch.einsum("bn,bnd->bd", (kind == k).to(x.dtype), x)
 
-        gene = (kind == 0)[..., None]
-        n = gene.sum(1).clamp_min(1).to(encoded.dtype)
-        gmax = encoded.masked_fill(~gene, -math.inf).amax(1)
-        gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))  # a cell without genes: 0
-        gmean = (encoded * gene).sum(1) / n
-        return torch.cat([pick(2), pick(1), gmax, gmean], dim=-1)
+        return torch.cat([pick(2), pick(1), masked_max(x, kind == 0), gmean], dim=-1)
+
+    def gene_embeddings(self, batch: Mapping[str, Any] | Any, hidden: Encoded) -> GeneStates:
+        """``GeneStates(hidden.hidden [B, N, hidden], is_gene [B, N])``: the encoder's states over its gathered
+        tokens; ``is_gene`` marks the gene tokens among them (not T, S, not padding); ``hidden.index`` gives
+        each token's position in the full row. Genes the encoder did not see (zeros, masked) have no state."""
+        return GeneStates(hidden.hidden, self._kinds(batch, hidden) == 0)

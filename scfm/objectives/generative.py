@@ -215,7 +215,8 @@ class GenerativePretraining(PretrainingModule):
         target_all = batch[self.target_key].float()
         target = target_all[unknown]
 
-        hidden, gene_embs = model.encode(batch, known)
+        gene_embs = model.gene_input_embeddings(batch)  # the MVC/GEPC queries, also part of the input
+        hidden = model.encode(batch, known, gene_embs=gene_embs)
         cell_emb = model.cell_embedding(batch, hidden)
         batch_emb = model.batch_embedding(batch)
         batch_u = model.per_token(batch_emb, batch)[unknown] if batch_emb is not None else None
@@ -252,7 +253,7 @@ class GenerativePretraining(PretrainingModule):
                 loss = loss + hp.dab_weight * dab
                 metrics["dab"] = dab
         if stage == "train" and 0 <= hp.cls_feedback_after <= self.global_step:
-            hidden2, _ = model.encode(batch, known, cls_input=cell_emb.detach())
+            hidden2 = model.encode(batch, known, cls_input=cell_emb.detach())
             feedback = F.mse_loss(model.decode(hidden2[unknown], batch_u)["pred"], target)
             loss = loss + feedback
             metrics["feedback_mse"] = feedback

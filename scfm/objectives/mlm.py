@@ -44,7 +44,10 @@ class MaskedGeneModeling(PretrainingModule):
                  total_steps: int | None = None, seed: int = 0) -> None:
         super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          scheduler=scheduler, total_steps=total_steps, seed=seed)
-        self.config = BertConfig(**model)
+        arch = dict(model)
+        if arch.get("first_gene_id") is None and data.get("first_gene_id") is not None:
+            arch["first_gene_id"] = int(data["first_gene_id"])  # gene_embeddings tells genes from specials
+        self.config = BertConfig(**arch)
         self.model = BertForMaskedGeneModeling(self.config)
         self.register_buffer("label_counts", torch.zeros(self.config.vocab_size, dtype=torch.long))
 
