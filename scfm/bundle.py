@@ -63,9 +63,10 @@ class Bundle:
     def architecture(self) -> str:
         return self.config["architecture"]["kind"]
 
-    def encoding(self) -> Any:
-        """The encoding of the bundle, bound to its vocabulary and arrays."""
-        return encoding_from_spec(self.config["encoding"], self.vocab, self.arrays)
+    def encoding(self, **fields: Any) -> Any:
+        """The encoding of the bundle (``fields`` replaced, e.g. masking off for inference), bound to its vocabulary
+        and arrays."""
+        return encoding_from_spec({**self.config["encoding"], **fields}, self.vocab, self.arrays)
 
     def backbone(self, device: str | torch.device = "cpu") -> nn.Module:
         """The architecture with the bundle's weights, in eval mode."""
@@ -234,12 +235,14 @@ def read_bundle(path: str | Path) -> Bundle:
 # ---------------------------------------------------------------- checkpoints and runs
 
 
-def checkpoint_context(encoding: Any, vocab: Vocab, labels: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """What a Lightning checkpoint carries so that it can be used without its corpus (plain types, tensors)."""
+def checkpoint_context(encoding: Any, vocab: Vocab, labels: dict[str, list[str]] | None = None,
+                       source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a Lightning checkpoint carries so that it can be used without its corpus (plain types, tensors):
+    vocabulary, encoding (class, fields, bound arrays), label vocabularies and ``source`` (e.g. the corpus path)."""
     return {"vocab": vocab.to_dict(),
             "encoding": encoding_spec(encoding),
             "arrays": {k: torch.from_numpy(np.array(v)) for k, v in encoding.bound_arrays().items()},
-            "labels": dict(labels or {})}
+            "labels": dict(labels or {}), "source": dict(source or {})}
 
 
 def _from_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module, Any, Vocab]:
@@ -281,4 +284,5 @@ def bundle_from_module(folder: str | Path, module: Any, source: dict[str, Any]) 
     vocab = Vocab.from_dict(context["vocab"])
     arrays = {k: t.numpy() for k, t in context["arrays"].items()}
     encoding = encoding_from_spec(context["encoding"], vocab, arrays)
+    source = {**context.get("source", {}), **source}
     return write_bundle(folder, module.model, encoding, vocab, dict(module.hparams.data), source, context["labels"])

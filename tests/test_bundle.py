@@ -123,7 +123,7 @@ def test_damaged_bundles_are_refused_with_the_file_named(bundle_copy, tmp_path):
         load_pretrained(bundle_copy)
     with pytest.raises(ScfmInputError, match="not a folder"):
         load_pretrained(tmp_path / "nowhere")
-    with pytest.raises(ScfmInputError, match="config.yaml is missing"):
+    with pytest.raises(ScfmInputError, match=r"config\.yaml is missing"):
         load_pretrained(tmp_path)
 
 

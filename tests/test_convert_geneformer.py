@@ -302,17 +302,28 @@ def test_load_geneformer_with_vocab(hf_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("out_name", ["gf.pt", "gf_dir"])
 def test_cli_round_trip(hf_dir: Path, tmp_path: Path, out_name: str, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "tokens.json").write_text(json.dumps(_token_dict()))
+    tokens = _token_dict()
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    medians = {g: 1.0 + i for i, g in enumerate(t for t in tokens if not t.startswith("<"))}
+    (tmp_path / "medians.json").write_text(json.dumps(medians))
     out = tmp_path / out_name
-    assert main(["geneformer", str(hf_dir), str(out), "--token-dictionary", str(tmp_path / "tokens.json")]) == 0
+    assert main(["geneformer", str(hf_dir), str(out), "--token-dictionary", str(tmp_path / "tokens.json"),
+                 "--gene-medians", str(tmp_path / "medians.json")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["vocab_size"] == VOCAB and summary["vocab"] == VOCAB
     if out_name.endswith(".pt"):
         payload = torch.load(out, weights_only=True)  # plain tensors, dicts, strings: weights_only reads it
         assert payload["format"] == "scfm.bert/1"
-    else:
-        assert (out / "model.pt").is_file() and (out / "vocab.tsv").is_file() and (out / "config.json").is_file()
-    model, vocab = load_converted(out)
+        model, vocab = load_converted(out)
+    else:  # a model bundle, with Geneformer's rank encoding and the medians given
+        from scfm.bundle import load_pretrained
+
+        files = {p.name for p in out.iterdir()}
+        assert {"config.yaml", "vocab.tsv", "gene_medians.tsv", "weights.safetensors"} <= files
+        model, encoding, vocab = load_pretrained(out)
+        assert encoding.kind == "rank" and encoding.max_len == model.config.max_position
+        first = vocab.lookup([next(iter(medians))])[0]
+        assert encoding.median[first] == 1.0 and np.isnan(encoding.median[0])
     assert vocab is not None and len(vocab) == VOCAB
     batch = padded(cells())
     with torch.no_grad():

@@ -327,3 +327,23 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         load_scfoundation(tmp_path / "m.ckpt", bad_list)
     with pytest.raises(ScfmInputError, match="not found"):
         load_scfoundation(tmp_path / "missing.ckpt")
+
+
+def test_cli_writes_a_bundle_over_the_gene_list(tmp_path):
+    """scfm-convert scfoundation <ckpt> <folder> --gene-list: a bundle with the continuous encoding over scFoundation's
+    gene list (in list order) and the converted weights."""
+    from scfm.bundle import load_pretrained
+    from scfm.cli.convert import main
+
+    ref = reference_model()
+    torch.save(models_ckpt(ref), tmp_path / "models.ckpt")
+    genes = tmp_path / "genes.tsv"
+    genes.write_text("gene_name\n" + "\n".join(f"GENE{i}" for i in range(G)) + "\n")
+    assert main(["scfoundation", str(tmp_path / "models.ckpt"), str(tmp_path / "bundle"), "--gene-list",
+                 str(genes)]) == 0
+    model, encoding, vocab = load_pretrained(tmp_path / "bundle")
+    assert encoding.kind == "continuous" and encoding.n_genes == G and encoding.max_len == model.config.max_seq_len
+    assert [vocab.gene_ids[t - vocab.n_special] for t in encoding.gene_tokens] == [f"GENE{i}" for i in range(G)]
+    weights = load_scfoundation(tmp_path / "models.ckpt", genes, key="cell")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.state_dict.items())
+    assert main(["scfoundation", str(tmp_path / "models.ckpt"), str(tmp_path / "no_genes")]) == 2  # needs the list

@@ -345,3 +345,22 @@ def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
     no_flag = {k: v for k, v in state.items() if k != "flag_encoder.weight"}  # pre-generative checkpoints
     _, converted = convert_scgpt(no_flag, ARGS, vocab)
     assert converted["flag_encoder.weight"].shape == (2, D)
+
+
+def test_cli_writes_a_bundle_with_scgpt_encoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """scfm-convert scgpt <dir> <folder>: a model bundle whose backbone equals the converted model, bin-encoded as
+    scGPT (its n_bins, max_seq_len 1,200 by default, <cls> first)."""
+    from scfm.bundle import load_pretrained
+    from scfm.cli.convert import main
+
+    ref, vocab = reference(flash=False)
+    folder = save_folder(tmp_path / "scgpt", ref, vocab, ARGS, flash=False)
+    assert main(["scgpt", str(folder), str(tmp_path / "bundle")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, encoding, voc = load_pretrained(summary["out"])
+    assert encoding.kind == "bin" and (encoding.n_bins, encoding.max_len) == (51, 1200)
+    assert encoding.cls_id == voc.special_id("<cls>")
+    direct, _ = load_scgpt(folder)
+    batch = our_batch(voc, cells(vocab))
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)["pred"], direct(batch)["pred"], rtol=0, atol=0)

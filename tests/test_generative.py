@@ -184,6 +184,23 @@ def test_scfm_train_runs_the_preset(tmp_path: Path, cache_dir):
     generated = arrays["round"] >= 0
     assert generated.any() and (arrays["prompt"] & generated).sum() == 0
     assert np.array_equal(arrays["generated"][arrays["prompt"]], arrays["true"][arrays["prompt"]])
+    # ... and on the run's bundle, with no corpus named: the same cells, the same generation
+    out2 = tmp_path / "from_bundle.npz"
+    rc = generate_main([result["bundle"], "--out", str(out2), "--mode", "gene", "--rounds", "2", "--n-cells", "8",
+                        "--batch-size", "8", "--max-len", "32"])
+    again = np.load(out2)
+    assert rc == 0 and all(np.array_equal(again[k], arrays[k]) for k in ("gene_ids", "true", "generated", "prompt"))
+
+
+def test_scfm_generate_names_a_corpus_of_another_vocabulary(tmp_path: Path, cache_dir, capsys):
+    cfg = compose_train("model=scgpt_tiny", "trainer.max_steps=1", "trainer.limit_val_batches=0",
+                        "encoding.max_len=32", "batching.batch_size=4", "trainer.enable_progress_bar=false",
+                        "trainer.enable_model_summary=false", f"paths.output_dir={tmp_path}")
+    bundle = train(cfg)["bundle"]
+    rc = generate_main([bundle, "--out", str(tmp_path / "x.npz"), "--builtin", "synthetic", "--n-cells", "2"])
+    assert rc == 2 and "vocab=<bundle>/vocab.tsv" in capsys.readouterr().err
+    rc = generate_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npz")])
+    assert rc == 2 and "no bundle or checkpoint here" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- generation

@@ -189,7 +189,8 @@ def test_flash_attention_needs_cuda():
 
 @pytest.mark.skipif(not _missing("flash_attn"), reason="flash-attn is installed")
 def test_flash_attention_needs_flash_attn_even_with_cuda(fake_cuda):
-    fails(config("attention=flash"), "flash-attn is not installed", "attention=sdpa", "scfm[gpu]")
+    fails(config("attention=flash"), "needs the package flash_attn, which is not installed", "attention=sdpa",
+          "scfm[gpu]")
 
 
 @pytest.mark.parametrize("kernel", ["performer", "flash"])
@@ -243,3 +244,26 @@ def test_max_len_above_the_model_positions():
 def test_unknown_condition_roles_fail_before_data():
     fails(config("data.conditions=[batch,donor]"), "data.conditions", "donor", "cell_type")
     validate(config("data.conditions=[batch,modality]"))  # known roles pass (labels are checked at open)
+
+
+# ------------------------------------------------------------------------------------------ declared needs
+def test_the_model_config_is_checked_before_any_data():
+    fails(config("experiment=demo", "model.heads=3"), "hidden (128) is not divisible by heads (3)")
+
+
+def test_rules_come_from_declarations_not_class_names():
+    """Every objective and task declares NAME and NEEDS; validation reads nothing else of them."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from scfm.objectives.base import Needs
+
+    for group in ("objective", "task"):
+        for path in sorted((Path(conf_dir()) / group).glob("*.yaml")):
+            cls = get_class(str(OmegaConf.load(path)["_target_"]))
+            assert path.stem == cls.NAME, path
+            assert isinstance(cls.NEEDS, Needs), path
+
+
+def test_a_task_and_the_encoding_kind_of_a_bundle_are_checked(tmp_path):
+    fails(config("task=embed", f"pretrained={tmp_path}"), "config.yaml is missing")

@@ -98,7 +98,7 @@ def test_refuses_other_encodings(pbmc_corpus):
     facts = data_facts(pbmc_corpus.vocab, pbmc_corpus.labels, RankEncoding())
     with pytest.raises(ScfmInputError, match="encoding=continuous"):
         ValueRegression(dataclasses.asdict(cfg), facts)
-    facts = {**data_facts(pbmc_corpus.vocab), "encoding": "ContinuousEncoding", "max_len": 50}
+    facts = {**data_facts(pbmc_corpus.vocab), "encoding": "continuous", "max_len": 50}
     with pytest.raises(ScfmInputError, match="max_seq_len"):
         ValueRegression({**dataclasses.asdict(cfg), "max_seq_len": 40}, facts)
 

@@ -1,13 +1,14 @@
-"""``scfm-generate``: scGPT cell-prompt / gene-prompt generation from a trained checkpoint.
+"""``scfm-generate``: scGPT cell-prompt / gene-prompt generation from a trained model.
 
-    scfm-generate CHECKPOINT --out generated.npz [--builtin pbmc3k | --corpus PATH] [--mode cell|gene]
-                  [--known-fraction 0.5] [--rounds 4] [--n-cells 64] [--batch-size 16] [--split val]
+    scfm-generate MODEL --out generated.npz [--corpus PATH | --builtin pbmc3k] [--mode cell|gene]
+                  [--known-fraction 0.5] [--rounds 1] [--n-cells 64] [--batch-size 16] [--split val]
 
-CHECKPOINT: a Lightning checkpoint of ``objective=generative`` (``last.ckpt``) or a converted scGPT file
-(``scfm-convert scgpt``; its vocabulary must be the corpus's: convert with ``--vocab <corpus>``). Cells are
-bin-encoded as in training (the checkpoint's ``n_bins`` / ``max_len``). ``cell`` mode generates every gene of
-each cell from ``<cls>`` alone; ``gene`` mode keeps a random ``--known-fraction`` of each cell's genes as the
-prompt. The ``.npz`` holds, per cell (rows padded with 0): ``gene_ids``, ``true`` (the encoded values),
+MODEL: a model bundle (``<output_dir>/model`` of ``objective=generative``), that run's ``last.ckpt`` (it carries
+its vocabulary and encoding), or a converted scGPT file (``scfm-convert scgpt``). Prompts come from the cells of
+``--corpus`` (prepared with the model's vocabulary), ``--builtin``, or by default the corpus the model was
+trained on; they are bin-encoded exactly as in training (the model's own encoding). ``cell`` mode generates
+every gene of each cell from ``<cls>`` alone; ``gene`` mode keeps a random ``--known-fraction`` of each cell's
+genes as the prompt. The ``.npz`` holds, per cell (rows padded with 0): ``gene_ids``, ``true`` (the encoded values),
 ``generated``, ``prompt`` (bool), ``round`` (-1 = prompt / ``<cls>``), ``lengths`` and ``cell_index``. One JSON
 line summarises the run (MSE and Pearson r of generated vs true values over the generated genes).
 """
@@ -27,41 +28,49 @@ from scfm.cli import print_summary
 from scfm.errors import ScfmInputError
 
 
-def load_generator(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """(ScGPTModel in eval mode, data facts {n_bins, max_len, cls_id}) from a checkpoint or a converted file."""
-    from scfm.objectives.generative import GenerativePretraining
+def load_generator(path: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(ScGPTModel in eval mode, its bin encoding, its vocabulary, where it was trained) from a bundle folder, a
+    checkpoint of ``scfm-train`` or a converted scGPT file (``scfm-convert scgpt``; no encoding: scGPT's defaults)."""
+    from scfm.bundle import load_pretrained, read_bundle
+    from scfm.encodings.bin import BinEncoding
+    from scfm.model.scgpt import ScGPTModel
 
     path = Path(path)
-    if not path.is_file():
-        raise ScfmInputError("checkpoint not found", where=str(path), fix="give a last.ckpt or a converted .pt")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or a pickle with code in it
-        raise ScfmInputError(f"cannot read the checkpoint: {str(err).splitlines()[0][:200]}", where=str(path),
-                             fix="give a last.ckpt written by scfm-train or a .pt written by scfm-convert") from None
-    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("scfm.scgpt/"):
-        from scfm.convert.scgpt import load_converted
+    if not path.exists():
+        raise ScfmInputError("no bundle or checkpoint here", where=str(path),
+                             fix="give a run's model folder (<output_dir>/model), its last.ckpt, or a converted .pt")
+    source: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # load_pretrained below says what is wrong with it
+            payload = None
+        if isinstance(payload, dict) and str(payload.get("format", "")).startswith("scfm.scgpt/"):
+            from scfm.convert.scgpt import load_converted
 
-        model, _ = load_converted(path)
-        return model, {"n_bins": model.config.n_bins, "max_len": None, "cls_id": model.config.cls_id}
-    hp = payload.get("hyper_parameters") if isinstance(payload, dict) else None
-    if not hp or "unknown_fractions" not in hp:
-        raise ScfmInputError("not a checkpoint of objective=generative", where=str(path),
-                             fix="train with objective=generative (e.g. experiment=scgpt_human)")
-    module = GenerativePretraining(**hp)
-    module.load_state_dict(payload["state_dict"], strict=True)
-    data = dict(module.hparams.data)
-    return module.model.eval(), {"n_bins": data.get("n_bins", 51), "max_len": data.get("max_len"),
-                                 "cls_id": module.config.cls_id}
+            model, vocab = load_converted(path)
+            encoding = BinEncoding(n_bins=model.config.n_bins).bind_arrays(vocab, {})
+            return model.eval(), encoding, vocab, source
+        source = (payload or {}).get("scfm_bundle", {}).get("source", {}) if isinstance(payload, dict) else {}
+    else:
+        source = read_bundle(path).config.get("source", {})
+    model, encoding, vocab = load_pretrained(path)
+    if not isinstance(model, ScGPTModel) or not isinstance(encoding, BinEncoding):
+        raise ScfmInputError(f"generation needs an scGPT model on bin-encoded cells, this is {type(model).__name__} "
+                             f"with encoding={getattr(encoding, 'kind', '?')}", where=str(path),
+                             fix="train with objective=generative (e.g. experiment=scgpt_human), or convert scGPT")
+    return model, encoding, vocab, source
 
 
 def _arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scfm-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="last.ckpt of objective=generative, or a converted scGPT .pt")
+    p.add_argument("checkpoint", help="a model bundle (<output_dir>/model), a last.ckpt of objective=generative, "
+                   "or a converted scGPT .pt")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--builtin", default=None, help="built-in corpus (pbmc3k, synthetic); default pbmc3k")
-    src.add_argument("--corpus", default=None, help="a corpus folder made by scfm-prepare")
+    src.add_argument("--builtin", default=None, help="built-in corpus (pbmc3k, synthetic) to take prompts from")
+    src.add_argument("--corpus", default=None, help="a corpus folder made by scfm-prepare with the model's vocabulary; "
+                     "default: the corpus the model was trained on (recorded in its bundle)")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--mode", choices=("cell", "gene"), default="cell", help="cell prompt or gene prompt")
     p.add_argument("--known-fraction", type=float, default=0.5, help="gene mode: fraction of genes given")
@@ -77,22 +86,23 @@ def _arguments() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Generate and write the .npz; returns the summary."""
     from scfm.data.datamodule import CellDataModule
-    from scfm.encodings.bin import BinEncoding
     from scfm.objectives.generative import generate_cells, generate_from_genes, random_known_mask
 
     if not 0.0 < args.known_fraction < 1.0:
         raise ScfmInputError(f"--known-fraction must be in (0, 1), got {args.known_fraction}")
-    model, facts = load_generator(args.checkpoint)
-    max_len = args.max_len or facts["max_len"] or 1200
-    builtin = args.builtin or (None if args.corpus else "pbmc3k")
-    dm = CellDataModule(BinEncoding(max_len=max_len, n_bins=facts["n_bins"]),
-                        {"strategy": "random", "batch_size": args.batch_size}, corpus=args.corpus, builtin=builtin,
-                        seed=args.seed, progress=False)
+    model, encoding, vocab, source = load_generator(args.checkpoint)
+    if args.max_len:
+        encoding.max_len = args.max_len
+    corpus, builtin = args.corpus, args.builtin
+    if corpus is None and builtin is None:
+        corpus = source.get("corpus")
+        if corpus is None or not Path(corpus).is_dir():
+            raise ScfmInputError("no cells to take prompts from: the model does not record its training corpus"
+                                 + (f" ({corpus} is gone)" if corpus else ""), where=str(args.checkpoint),
+                                 fix="give --corpus <folder prepared with the model's vocabulary> or --builtin pbmc3k")
+    dm = CellDataModule(encoding, {"strategy": "random", "batch_size": args.batch_size}, corpus=corpus,
+                        builtin=builtin, seed=args.seed, progress=False, vocab=vocab)
     dm.setup("fit")
-    if len(dm.vocab) != model.config.vocab_size:
-        raise ScfmInputError(f"the corpus vocabulary has {len(dm.vocab)} tokens, the model {model.config.vocab_size}",
-                             where=str(args.checkpoint), fix="use the corpus the model was trained on (or convert "
-                             "with --vocab <corpus>)")
     key = model.config.value_key
     loader = dm.val_dataloader() if args.split == "val" else dm.train_dataloader()
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ("gene_ids", "true", "generated", "prompt", "round")}
@@ -104,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out = generate_cells(model, batch, args.rounds)
             prompt = torch.zeros_like(out["known"])
         else:
-            prompt = random_known_mask(batch, args.known_fraction, seed=args.seed + i, cls_id=facts["cls_id"])
+            prompt = random_known_mask(batch, args.known_fraction, seed=args.seed + i, cls_id=model.config.cls_id)
             out = generate_from_genes(model, batch, prompt, args.rounds)
         for c in range(int(batch["lengths"].numel())):
             n = int(batch["lengths"][c])

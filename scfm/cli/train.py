@@ -18,13 +18,16 @@ from scfm.config.validate import validate
 from scfm.errors import ScfmInputError
 
 
-def build_datamodule(cfg: DictConfig) -> Any:
-    """The DataModule of a composed config (groups data + encoding + batching), its corpus opened."""
+def build_datamodule(cfg: DictConfig, encoding: Any = None, vocab: Any = None) -> Any:
+    """The DataModule of a composed config (groups data + encoding + batching), its corpus opened.
+
+    ``encoding`` + ``vocab``: an encoding already bound to a model's vocabulary (a bundle's) instead of
+    ``cfg.encoding`` bound to the corpus."""
     from hydra.utils import instantiate
 
-    encoding = instantiate(cfg.encoding)
+    encoding = instantiate(cfg.encoding) if encoding is None else encoding
     batching = instantiate(cfg.batching)
-    datamodule = instantiate(cfg.data, _partial_=True)(encoding=encoding, batching=batching)  # objects as-is
+    datamodule = instantiate(cfg.data, _partial_=True)(encoding=encoding, batching=batching, vocab=vocab)
     datamodule.open()
     return datamodule
 
@@ -32,28 +35,66 @@ def build_datamodule(cfg: DictConfig) -> Any:
 def build(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate (datamodule, lightning module) from a composed config; prepares built-in data if needed.
 
-    The objective gets ``model`` (the architecture config as a dict, sized to the corpus's vocabulary) and
-    ``data`` (:func:`scfm.objectives.base.data_facts`: special-token ids, label counts, encoding facts).
+    The objective (or the task, when ``task=`` is set) gets ``model`` (the architecture config as a dict, sized to
+    the corpus's vocabulary, or the bundle's with ``pretrained=<bundle>``) and ``data``
+    (:func:`scfm.objectives.base.data_facts`: special-token ids, label counts, encoding facts); a task also gets
+    ``architecture`` (its kind). With ``pretrained``, the bundle's encoding reads the data and its weights are
+    loaded.
     """
 
     validate(cfg)
     return _build(cfg)
 
 
+def module_node(cfg: DictConfig) -> tuple[str, DictConfig]:
+    """(``task`` or ``objective``, its node): a run trains an objective unless a task is chosen."""
+    task = cfg.get("task")
+    return ("task", task) if task else ("objective", cfg.objective)
+
+
 def _build(cfg: DictConfig) -> tuple[Any, Any]:
     """:func:`build` for a config that was validated already."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
-    from scfm.bundle import checkpoint_context
+    from scfm.bundle import checkpoint_context, read_bundle
+    from scfm.model import architecture_kind
     from scfm.objectives.base import data_facts
 
-    datamodule = build_datamodule(cfg)
-    vocab = datamodule.vocab
+    group, node = module_node(cfg)
+    cls = get_class(node._target_)
+    overrides = getattr(cls, "ENCODING_OVERRIDES", {})
+    bundle = read_bundle(cfg.pretrained) if cfg.get("pretrained") else None
+    if bundle is not None:
+        encoding = bundle.encoding(**overrides.get(get_class(bundle.config["encoding"]["_target_"]).kind, {}))
+        datamodule = build_datamodule(cfg, encoding, bundle.vocab)
+        kind = bundle.architecture
+        fields = dict(bundle.config["architecture"]["config"])
+        fields["attention"] = str(cfg.model.get("attention", fields["attention"]))  # the kernel is the user's choice
+    else:
+        encoding = instantiate(cfg.encoding)
+        for key, value in overrides.get(type(encoding).kind, {}).items():
+            setattr(encoding, key, value)
+        datamodule = build_datamodule(cfg, encoding)
+        kind = architecture_kind(str(cfg.model._target_))
+    vocab = datamodule.vocab if bundle is None else bundle.vocab
     facts = data_facts(vocab, datamodule.corpus.labels, datamodule.encoding)
-    model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"),
-                            conditions=list(cfg.data.get("conditions") or []), n_labels=facts["n_labels"])
-    module = instantiate(cfg.objective, _convert_="all", model=dataclasses.asdict(model_cfg), data=facts)
-    module.bundle_context = checkpoint_context(datamodule.encoding, vocab, datamodule.corpus.labels)
+    if bundle is None:
+        model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"),
+                                conditions=list(cfg.data.get("conditions") or []), n_labels=facts["n_labels"])
+        fields = dataclasses.asdict(model_cfg)
+    extra = {}
+    if group == "task":
+        extra = {"architecture": kind, "pretrained": None if bundle is None else str(bundle.path)}
+    module = instantiate(node, _convert_="all", model=fields, data=facts, **extra)
+    if bundle is not None:
+        if group == "task":
+            module.load_weights(bundle.backbone())
+        else:  # continued pretraining from a bundle
+            module.model.load_state_dict(bundle.backbone().state_dict(), strict=True)
+    elif group == "task":
+        module.apply_freeze()
+    module.bundle_context = checkpoint_context(datamodule.encoding, vocab, datamodule.corpus.labels,
+                                               {"corpus": str(Path(datamodule.corpus.path).resolve())})
     return datamodule, module
 
 
@@ -105,6 +146,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         applied = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what runs (.hydra/: the input)
         OmegaConf.save(applied, out / "config_applied.yaml", resolve=True)
     datamodule, module = _build(cfg)  # validated above
+    if getattr(module, "STAGE", "fit") == "predict":
+        return _predict(cfg, datamodule, module, out)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.checkpoint_every_n_steps, save_on_train_epoch_end=True)
@@ -130,6 +173,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         _report(result)
     return result
+
+
+def _predict(cfg: DictConfig, datamodule: Any, module: Any, out: Path) -> dict[str, Any]:
+    """Run a predict-stage task (``task=embed``) over every cell; the task writes its outputs to ``out``."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    callbacks = [RichProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=str(out),
+                          strategy=build_strategy(cfg), enable_checkpointing=False)
+    module.output_dir = out
+    trainer.predict(module, dataloaders=datamodule.predict_dataloader(), return_predictions=False)
+    summary = module.write_outputs(datamodule.corpus) if trainer.is_global_zero else {}
+    if trainer.is_global_zero:
+        from rich.console import Console
+
+        Console().print_json(data=summary)
+    return {"summary": summary, "output_dir": str(out), "metrics": {}}
 
 
 def _finish(trainer: Any, module: Any, cfg: DictConfig, out: Path, last: Path) -> str | None:

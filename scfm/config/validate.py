@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -40,36 +41,173 @@ class PrecisionNode:
     value: str = "32-true"  # default of trainer.precision
 
 
-# objective kind -> (encoding kind it needs, what it predicts, the encoding options that fit)
-_OBJECTIVE_NEEDS = {
-    "mlm": ("rank", "predicts gene ids from rank-ordered genes", "encoding=rank or rank_v2"),
-    "generative": ("bin", "predicts binned expression values (scGPT)", "encoding=bin"),
-    "value_regression": ("continuous", "regresses continuous expression values (scFoundation)",
-                         "encoding=continuous"),
-}
-
-
 def validate(cfg: DictConfig) -> None:
     """Check combinations of config groups before any data is read; errors name the groups in conflict.
 
-    Hardware (CUDA, bf16, optional packages) is checked against the machine this runs on; each message gives a
-    valid alternative. The objective class's own ``check_config(cfg)`` runs last.
+    The rules are generic, over what the parts declare: the objective's or task's ``NEEDS`` (encoding kinds,
+    architectures, attention masks, a bundle), the encoding's ``kind``, the architecture's entry in
+    ``scfm.model.ARCHITECTURES`` (packed batches) and the attention kernel's ``KernelSpec`` (masks, CUDA, packages).
+    Hardware is checked against the machine this runs on; each message gives a valid alternative. The model config
+    is built (with placeholder sizes) so its own checks run here too. A module's own ``check_config(cfg)`` runs last.
     """
     if cfg.get("scale") is not None and not cfg.scale.get("applied", False):
         raise ScfmInputError(f"scale={cfg.scale.get('name')} is in the config but was not applied", where="scale",
-                             fix="call scfm.config.scale.apply_scale(cfg) first (scfm-train and train() do)")
+                             fix="call scfm.scale.apply_scale(cfg) first (scfm-train and train() do)")
     strategy = _typed(cfg.get("strategy") or {}, StrategyNode, "strategy")
     _typed(cfg.get("precision") or {}, PrecisionNode, "precision")
     _check_hardware(cfg, strategy)
-    _check_attention(cfg)
-    _check_objective_encoding(cfg)
+    parts = _parts(cfg)
+    _check_kernel(cfg, parts)
+    _check_needs(cfg, parts)
+    _check_model_config(cfg, parts)
     max_len, positions = cfg.encoding.get("max_len"), cfg.model.get("max_position")
-    if max_len is not None and positions is not None and max_len > positions:
+    if parts.bundle is None and max_len is not None and positions is not None and max_len > positions:
         raise ScfmInputError(f"encoding.max_len={max_len} exceeds model.max_position={positions}",
                              where="config groups encoding + model",
                              fix=f"set encoding.max_len<={positions} or model.max_position>={max_len}")
     _check_conditions(cfg)
-    _objective_checks(cfg)
+    check = getattr(parts.module, "check_config", None)
+    if check is not None:
+        check(cfg)
+
+
+@dataclass
+class Parts:
+    """The classes and names a config resolves to (nothing built, no data read)."""
+
+    group: str  # objective or task
+    module: type  # the LightningModule class
+    name: str  # the option name (objective=<name> / task=<name>)
+    encoding: str | None  # encoding kind
+    architecture: str | None  # architecture kind
+    kernel: str | None  # attention kernel name
+    bundle: Any = None  # the pretrained bundle, read (config + vocabulary), when pretrained= is set
+
+
+def _parts(cfg: DictConfig) -> Parts:
+    from hydra.utils import get_class
+
+    from scfm.model import architecture_kind
+
+    task = cfg.get("task")
+    group, node = ("task", task) if task else ("objective", cfg.objective)
+    target = str(node.get("_target_") or "")
+    try:
+        module = get_class(target)
+    except (ImportError, AttributeError, ValueError) as e:
+        reason = " ".join(str(e).split()[-12:])
+        raise ScfmInputError(f"{group}._target_={target} cannot be imported (... {reason})",
+                             where=f"config group {group}",
+                             fix=f"pick one of conf/{group}/*.yaml ({_options(group)})") from None
+    bundle = None
+    if cfg.get("pretrained"):
+        from scfm.bundle import read_bundle
+
+        bundle = read_bundle(cfg.pretrained)  # the model's files (no data): clear errors when damaged
+        encoding = get_class(bundle.config["encoding"]["_target_"]).kind
+        arch = bundle.architecture
+    else:
+        target = cfg.encoding.get("_target_")
+        encoding = getattr(get_class(str(target)), "kind", None) if target else None
+        arch = architecture_kind(str(cfg.model._target_)) if cfg.model.get("_target_") else None
+    kernel = cfg.model.get("attention") or (cfg.get("attention") or {}).get("kernel")
+    return Parts(group, module, getattr(module, "NAME", "") or target.rsplit(".", 1)[-1], encoding, arch,
+                 None if kernel is None else str(kernel), bundle)
+
+
+def _options(group: str, kinds: tuple[str, ...] = ()) -> str:
+    """``group=a or group=b``: the files of ``conf/<group>/`` (those whose class is of one of ``kinds``, if given)."""
+    from scfm.config import conf_dir
+
+    files = sorted((Path(conf_dir()) / group).glob("*.yaml"))
+    names = [p.stem for p in files if not kinds or _kind_of(group, p) in kinds]
+    return " or ".join(f"{group}={n}" for n in names)
+
+
+def _kind_of(group: str, path: Path) -> str | None:
+    """The encoding or architecture kind of a config file (one that only extends another: the other's)."""
+    from hydra.utils import get_class
+
+    from scfm.model import architecture_kind
+
+    node = OmegaConf.load(path)
+    target = node.get("_target_")
+    for base in ([] if target else node.get("defaults", []) or []):
+        if isinstance(base, str) and base != "_self_" and (path.parent / f"{base}.yaml").is_file():
+            target = OmegaConf.load(path.parent / f"{base}.yaml").get("_target_")
+    if not target:
+        return None
+    return architecture_kind(str(target)) if group == "model" else getattr(get_class(str(target)), "kind", None)
+
+
+def _check_needs(cfg: DictConfig, parts: Parts) -> None:
+    """The objective's / task's declared needs against the encoding, the architecture and the bundle."""
+    needs = getattr(parts.module, "NEEDS", None)
+    if needs is None:
+        return
+    who = f"{parts.group}={parts.name}"
+    if needs.pretrained and parts.bundle is None:
+        raise ScfmInputError(f"{who} {needs.what} and needs a pretrained model", where=f"config group {parts.group}",
+                             fix="set pretrained=<bundle folder> (a run's <output_dir>/model, or scfm-convert's)")
+    if needs.encodings and parts.encoding not in needs.encodings:
+        group = "pretrained" if parts.bundle is not None else "encoding"
+        raise ScfmInputError(f"{who} {needs.what} and needs encoding={' or '.join(needs.encodings)}, not "
+                             f"encoding={parts.encoding}", where=f"config groups {parts.group} + {group}",
+                             fix=f"use {_options('encoding', needs.encodings)} with {who}")
+    if needs.architectures and parts.architecture not in needs.architectures:
+        from scfm.model import ARCHITECTURES
+
+        names = " / ".join(ARCHITECTURES[a].description for a in needs.architectures)
+        group = "pretrained" if parts.bundle is not None else "model"
+        raise ScfmInputError(f"{who} trains the {names} architecture, not {parts.architecture}",
+                             where=f"config groups {parts.group} + {group}",
+                             fix=f"use {_options('model', needs.architectures)}")
+    batching = cfg.get("batching") or {}
+    if parts.architecture is not None and batching.get("strategy") == "packed":
+        from scfm.model import ARCHITECTURES
+
+        if not ARCHITECTURES[parts.architecture].packed:
+            raise ScfmInputError(f"model={parts.architecture} takes padded batches, not packed ones",
+                                 where="config groups model + batching",
+                                 fix="use batching=random (continuous cells all have the same length: nothing is "
+                                     "padded)")
+
+
+def _check_kernel(cfg: DictConfig, parts: Parts) -> None:
+    """The attention kernel's declared capabilities against the machine and the masks the run needs."""
+    from scfm.model.attention import SPECS, kernel_problem
+
+    kernel = parts.kernel
+    if kernel is None or kernel not in SPECS:
+        return  # an unknown name is refused by the model config, with the valid names
+    needs = getattr(parts.module, "NEEDS", None)
+    masks = set(needs.masks) if needs is not None else set()
+    device = _device_type(cfg)
+    hardware = kernel_problem(kernel, needs=set(), device_type=device)
+    if hardware:
+        raise ScfmInputError(f"{hardware} ({SPECS[kernel].description})",
+                             where="config groups attention + trainer",
+                             fix="use attention=sdpa (or flex) here; on a CUDA machine pip install 'scfm[gpu]'")
+    problem = kernel_problem(kernel, needs=masks, device_type=device)
+    if problem:
+        serve = [k for k in SPECS if not kernel_problem(k, needs=masks, device_type=device)]
+        what = " and ".join(sorted(masks))
+        raise ScfmInputError(f"attention={kernel} cannot express the {what} attention mask of {parts.group}="
+                             f"{parts.name} ({problem})", where=f"config groups attention + {parts.group}",
+                             fix=f"use attention={' or attention='.join(serve)} with {parts.group}={parts.name}")
+
+
+def _check_model_config(cfg: DictConfig, parts: Parts) -> None:
+    """Build the model config with placeholder sizes, so its own checks (heads dividing hidden, ...) run now."""
+    if parts.bundle is not None or not cfg.model.get("_target_"):
+        return
+    from hydra.utils import get_class
+
+    conditions = list((cfg.get("data") or {}).get("conditions") or [])
+    n_labels = {role: 2 for role in conditions}  # sized from the corpus at build time
+    fields = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    fields |= {"vocab_size": 64, "pad_id": 0, "conditions": conditions, "n_labels": n_labels}
+    get_class(str(cfg.model._target_))(**fields)  # called directly: Hydra's instantiate would wrap our error
 
 
 def _check_conditions(cfg: DictConfig) -> None:
@@ -164,73 +302,3 @@ def _check_hardware(cfg: DictConfig, strategy: DictConfig) -> None:
         raise ScfmInputError(f"precision={precision} but this GPU ({torch.cuda.get_device_name()}) has no bfloat16",
                              where="config groups precision + trainer",
                              fix="use precision=16-mixed (float16 with loss scaling) or precision=32-true")
-
-
-def _check_attention(cfg: DictConfig) -> None:
-    """Attention kernels the machine or the objective's mask rules out."""
-    import torch
-
-    kernel = cfg.model.get("attention") or (cfg.get("attention") or {}).get("kernel")
-    kind = _objective_kind(cfg)
-    if kernel == "flash":
-        device = _device_type(cfg)
-        missing = _missing_packages(["flash_attn"])
-        if device != "cuda" or missing:
-            why = ("this machine has no CUDA device" if not torch.cuda.is_available() else
-                   f"trainer.accelerator={device}" if device != "cuda" else "flash-attn is not installed")
-            raise ScfmInputError(f"attention=flash (flash-attn varlen) needs CUDA and flash-attn, but {why}",
-                                 where="config groups attention + trainer",
-                                 fix="use attention=sdpa (or flex) here; on a CUDA machine pip install 'scfm[gpu]'")
-    if kind == "generative" and kernel in ("performer", "flash"):
-        raise ScfmInputError(f"attention={kernel} cannot express scGPT's generative attention mask (unknown genes "
-                             "see the known genes and themselves)", where="config groups attention + objective",
-                             fix="use attention=flex, sdpa or eager with objective=generative")
-
-
-def _objective_kind(cfg: DictConfig) -> str | None:
-    """``mlm`` / ``generative`` / ``value_regression`` from objective._target_ (module or class name)."""
-    target = str((cfg.get("objective") or {}).get("_target_") or "")
-    module, _, cls = target.rpartition(".")
-    if cls == "MaskedGeneModeling" or module.endswith(".mlm"):
-        return "mlm"
-    if "Generative" in cls or module.endswith(".generative"):
-        return "generative"
-    if "ValueRegression" in cls or module.endswith(".value_regression"):
-        return "value_regression"
-    return None
-
-
-def _encoding_kind(cfg: DictConfig) -> str | None:
-    """``rank`` / ``bin`` / ``continuous`` from encoding._target_'s class name."""
-    cls = str(cfg.encoding.get("_target_") or "").rpartition(".")[2]
-    return {"RankEncoding": "rank", "BinEncoding": "bin", "ContinuousEncoding": "continuous"}.get(cls)
-
-
-def _check_objective_encoding(cfg: DictConfig) -> None:
-    """Each pretraining objective reads one encoding's batches (generic: holds even where the class is absent)."""
-    kind, encoding = _objective_kind(cfg), _encoding_kind(cfg)
-    if kind is None or encoding is None:
-        return
-    need, what, options = _OBJECTIVE_NEEDS[kind]
-    if encoding != need:
-        raise ScfmInputError(f"objective={kind} {what} and needs encoding={need}, not encoding={encoding}",
-                             where="config groups objective + encoding", fix=f"use {options} with objective={kind}")
-
-
-def _objective_checks(cfg: DictConfig) -> None:
-    """Run the objective class's own ``check_config(cfg)`` (a staticmethod), if it has one."""
-    target = cfg.objective.get("_target_")
-    if not target:
-        return
-    from hydra.utils import get_class
-
-    try:
-        objective = get_class(target)
-    except (ImportError, AttributeError, ValueError) as e:
-        reason = " ".join(str(e).split()[-12:])
-        raise ScfmInputError(f"objective._target_={target} cannot be imported (... {reason})",
-                             where="config group objective",
-                             fix="pick an objective from conf/objective/*.yaml (objective=mlm, ...)") from None
-    check = getattr(objective, "check_config", None)
-    if check is not None:
-        check(cfg)

@@ -89,3 +89,13 @@ def build_model(payload: Mapping[str, Any], config_cls: type, model_cls: type[M]
     model = model_cls(config)
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()
+
+
+def write_converted_bundle(folder: str | Path, model: nn.Module, encoding: Any, vocab: Vocab,
+                           source: Mapping[str, Any]) -> Path:
+    """Write a converted model as a model bundle (``scfm.bundle``), with the encoding its recipe uses."""
+    from scfm.bundle import write_bundle
+    from scfm.objectives.base import data_facts
+
+    return write_bundle(folder, model.eval(), encoding, vocab, data_facts(vocab, None, encoding),
+                        {"kind": "scfm-convert", **source})

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from scfm.convert import as_vocab, build_model, load_payload, save_payload, vocab_from_dict, vocab_to_dict
 from scfm.data.vocab import Vocab
+from scfm.encodings.rank import RankEncoding
 from scfm.errors import ScfmInputError
 from scfm.model.bert import BertConfig, BertForMaskedGeneModeling
 
@@ -320,14 +321,7 @@ def read_token_dictionary(source: str | Path) -> dict[str, int]:
     if not path.is_file():
         raise ScfmInputError("token dictionary not found", where=str(path),
                              fix="give geneformer_gc30M, geneformer_gc95M or the path of a token dictionary")
-    if path.suffix in (".pkl", ".pickle"):
-        try:
-            data = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise ScfmInputError(f"not a plain pickled dict: {err}", where=str(path),
-                                 fix="convert it to JSON: json.dump({k: int(v) for k, v in d.items()}, f)") from None
-    else:
-        data = json.loads(path.read_text())
+    data = _read_plain_dict(path)
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in data.items()):
         raise ScfmInputError("a token dictionary maps token strings to integer ids", where=str(path))
     return data
@@ -429,3 +423,40 @@ def load_converted(path: str | Path, attention: str | None = None) -> tuple[Bert
     payload = load_payload(path, FORMAT, "scfm-convert")
     model = build_model(payload, BertConfig, BertForMaskedGeneModeling, attention=attention)
     return model, vocab_from_dict(payload.get("vocab"))
+
+
+def geneformer_encoding(config: BertConfig, vocab: Vocab, medians: str | Path | dict[str, float]) -> RankEncoding:
+    """Geneformer's rank encoding for a converted model, bound to ``vocab``: V2 layout (``<cls>`` genes ``<eos>``)
+    when the vocabulary has those tokens, else V1; input ``config.max_position``; the gene medians of
+    ``medians`` (a built-in name ``geneformer_gc30M`` / ``geneformer_gc95M``, a ``.json`` or ``.pkl`` file, or the
+    table itself)."""
+    from scfm.encodings.rank import medians_from_table
+    from scfm.resources import GENEFORMER_NAMES, geneformer_dictionary
+
+    where = str(medians) if not isinstance(medians, dict) else "gene medians"
+    if not isinstance(medians, dict):
+        path = geneformer_dictionary(str(medians)) if str(medians) in GENEFORMER_NAMES else Path(medians)
+        if not path.is_file():
+            raise ScfmInputError("gene median dictionary not found", where=str(path),
+                                 fix="give geneformer_gc30M, geneformer_gc95M or Geneformer's "
+                                     "gene_median_dictionary (.json / .pkl)")
+        medians = _read_plain_dict(path)
+    v2 = "<cls>" in vocab.specials and "<eos>" in vocab.specials
+    encoding = RankEncoding(max_len=config.max_position, layout="v2" if v2 else "v1", gene_medians=where)
+    return encoding.bind_arrays(vocab, {"gene_medians": medians_from_table(dict(medians), vocab, where)})
+
+
+def _read_plain_dict(path: Path) -> dict[str, Any]:
+    """A ``.json`` or plain-pickle ``.pkl`` dict (no code runs)."""
+    if path.suffix in (".pkl", ".pickle"):
+        try:
+            return _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise ScfmInputError(f"not a plain pickled dict: {err}", where=str(path),
+                                 fix="convert it to JSON: json.dump({k: v for k, v in d.items()}, f)") from None
+    return json.loads(path.read_text())
+
+
+def default_medians(vocab_size: int) -> str | None:
+    """The built-in median dictionary of a Geneformer model with ``vocab_size`` tokens (its own dictionary)."""
+    return _BUILTIN_BY_VOCAB_SIZE.get(vocab_size)

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from scfm.convert import load_payload, save_payload
+from scfm.data.vocab import SPECIAL_TOKENS, Vocab
+from scfm.encodings.continuous import ContinuousEncoding
 from scfm.errors import ScfmInputError
 from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
 
@@ -226,3 +228,14 @@ def load_converted(path: str | Path) -> ScFoundationWeights:
     """Read what :func:`save_converted` wrote (``weights_only=True``)."""
     data = load_payload(path, FORMAT, "scfm-convert scfoundation")
     return ScFoundationWeights(XtrimoConfig(**data["config"]), data["state_dict"], data.get("genes"))
+
+
+def scfoundation_bundle_parts(weights: ScFoundationWeights) -> tuple[Vocab, ContinuousEncoding]:
+    """The vocabulary (scfm's special tokens + scFoundation's genes, in list order) and the continuous encoding over
+    that gene list of a converted model; needs its gene list."""
+    if weights.genes is None:
+        raise ScfmInputError("a bundle needs the model's gene list (its positions follow it)", where="--gene-list",
+                             fix="pass --gene-list OS_scRNA_gene_index.19264.tsv, or write a .pt file instead")
+    vocab = Vocab(SPECIAL_TOKENS, list(weights.genes))
+    encoding = ContinuousEncoding(gene_list="gene_list.tsv")
+    return vocab, encoding.bind_arrays(vocab, {"gene_list": vocab.lookup(list(weights.genes))})

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from scfm.convert import as_vocab, build_model, load_payload, save_payload, vocab_from_dict, vocab_to_dict
 from scfm.data.vocab import Vocab
+from scfm.encodings.bin import BinEncoding
 from scfm.errors import ScfmInputError
 from scfm.model.scgpt import ScGPTConfig, ScGPTModel
 
@@ -277,3 +278,10 @@ def load_converted(path: str | Path, attention: str | None = None) -> tuple[ScGP
     """Model (eval mode) and vocabulary from :func:`save_converted`'s file or folder."""
     payload = load_payload(path, FORMAT, "scfm-convert scgpt")
     return build_model(payload, ScGPTConfig, ScGPTModel, attention=attention), vocab_from_dict(payload["vocab"])
+
+
+def scgpt_encoding(config: ScGPTConfig, args: Mapping[str, Any], vocab: Vocab) -> BinEncoding:
+    """scGPT's bin encoding for a converted model, bound to ``vocab``: ``n_bins`` of the model, ``max_seq_len``
+    of ``args.json`` (1,200 when absent), ``<cls>`` first, non-zero genes only (pretraining's setting)."""
+    max_len = int(_arg(args, "max_seq_len", default=1200))
+    return BinEncoding(n_bins=config.n_bins, max_len=max_len).bind_arrays(vocab, {})

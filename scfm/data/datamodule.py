@@ -32,6 +32,8 @@ class CellDataModule(L.LightningDataModule):
         num_workers: loader worker processes; each encodes its own share of cells.
         message_bytes: bytes of batches per message a worker sends (shared memory; the same on every rank).
         conditions: condition tokens to add to batches: ``cell_type``, ``batch``, ``perturbation``, ``modality``.
+        vocab: the vocabulary ``encoding`` is already bound to (a model bundle's: ``Bundle.encoding()``); the
+            encoding is then not bound to the corpus, whose vocabulary must be the same.
     """
 
     def __init__(self, encoding: Any, batching: Batching | dict[str, Any] | None = None, corpus: str | None = None,
@@ -39,7 +41,7 @@ class CellDataModule(L.LightningDataModule):
                  cache_dir: str | None = None, val_fraction: float = 0.1, split_column: str | None = None,
                  num_workers: int = 0, seed: int = 0, chunk_cells: int = 256, buffer_cells: int = 8192,
                  verify: bool = False, progress: bool = True, conditions: list[str] | None = None,
-                 message_bytes: int = MESSAGE_BYTES) -> None:
+                 message_bytes: int = MESSAGE_BYTES, vocab: Any = None) -> None:
         super().__init__()
         if (corpus is None) == (builtin is None):
             raise ScfmInputError("give exactly one of data.corpus (a folder made by scfm-prepare) and data.builtin",
@@ -53,6 +55,7 @@ class CellDataModule(L.LightningDataModule):
         self.chunk_cells, self.buffer_cells, self.verify, self.progress = chunk_cells, buffer_cells, verify, progress
         self.conditions = list(conditions or [])
         self.message_bytes = message_bytes
+        self.bound_vocab = vocab
         self.corpus: Corpus | None = None
         self.train_set: CellStream | None = None
         self.val_set: CellStream | None = None
@@ -69,8 +72,12 @@ class CellDataModule(L.LightningDataModule):
         if self.corpus is None:
             if self.corpus_path is None or not Path(self.corpus_path).exists():
                 self.prepare_data()
-            self.corpus = Corpus(self.corpus_path, verify=self.verify)
-            self.encoding.bind(self.corpus)
+            corpus = Corpus(self.corpus_path, verify=self.verify)
+            if self.bound_vocab is None:
+                self.encoding.bind(corpus)
+            else:
+                _check_same_vocab(corpus, self.bound_vocab)
+            self.corpus = corpus
         return self.corpus
 
     @property
@@ -89,6 +96,17 @@ class CellDataModule(L.LightningDataModule):
         self.train_set = CellStream(split="train", **common)
         self.val_set = CellStream(split="val", **common)
         self.train_set.num_workers = self.val_set.num_workers = self.num_workers
+
+    def predict_dataloader(self) -> StatefulDataLoader:
+        """Every cell of the corpus once, in corpus order within each batch's cells (``cell_index`` says which),
+        not shuffled; for embeddings and other per-cell outputs."""
+        corpus = self.open()
+        stream = CellStream(corpus=corpus, encoding=self.encoding, batching=self.batching, split="train",
+                            val_fraction=0.0, shuffle=False, seed=self.seed, chunk_cells=self.chunk_cells,
+                            buffer_cells=self.buffer_cells, conditions=self.conditions,
+                            message_bytes=self.message_bytes)
+        stream.num_workers = self.num_workers
+        return self._loader(stream)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Rows every cell shares (``encoding=continuous``'s ``gene_ids``, ...) travel once (``batch_to``)."""
@@ -174,6 +192,19 @@ def _check_shared_memory(num_workers: int, message_bytes: int, folder: str = "/d
                       f"~{need / 2**20:.0f} MB of shared memory for their batches, and a worker that runs out dies "
                       f"with 'Bus error'. Fix: give the container more (docker run --shm-size=1g), or lower "
                       f"data.message_bytes (now {message_bytes}) or data.num_workers", stacklevel=3)
+
+
+def _check_same_vocab(corpus: Corpus, vocab: Any) -> None:
+    """A corpus read with a model's encoding must have the model's vocabulary (token ids mean the same genes)."""
+    ours = corpus.vocab
+    if tuple(ours.specials) == tuple(vocab.specials) and list(ours.gene_ids) == list(vocab.gene_ids):
+        return
+    shared = len(set(ours.gene_ids) & set(vocab.gene_ids))
+    raise ScfmInputError(f"the corpus's vocabulary ({len(ours):,} tokens) is not the model's ({len(vocab):,} tokens; "
+                         f"{shared:,} genes in common), so its token ids mean other genes",
+                         where=str(corpus.path),
+                         fix="prepare the data with the model's vocabulary: scfm-prepare input=<file> "
+                             "output=<new folder> vocab=<bundle>/vocab.tsv")
 
 
 def _as_is(batch):

@@ -83,20 +83,25 @@ def load_gene_medians(source: str, corpus) -> np.ndarray:
         stats = corpus.gene_stats
         median = np.full(len(vocab), np.nan)
         median[stats.token_id.to_numpy()] = stats.nonzero_median.to_numpy()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            from scfm.resources import geneformer_dictionary
+        median[: vocab.n_special] = np.nan
+        return median.astype(np.float32)
+    path = Path(source)
+    if not path.is_file():
+        from scfm.resources import geneformer_dictionary
 
-            path = geneformer_dictionary(source)
-        table: dict[str, float] = json.loads(path.read_text())
-        median = np.full(len(vocab), np.nan)
-        tokens = vocab.lookup(list(table))
-        found = tokens >= 0
-        median[tokens[found]] = np.fromiter(table.values(), dtype=np.float64)[found]
-        if not found.any():
-            raise ScfmInputError("no gene of the median table is in the corpus vocabulary", where=str(path),
-                                 fix="use the medians that match the vocabulary (Ensembl ids)")
+        path = geneformer_dictionary(source)
+    return medians_from_table(json.loads(path.read_text()), vocab, str(path))
+
+
+def medians_from_table(table: dict[str, float], vocab, where: str) -> np.ndarray:
+    """Median per token id of ``vocab`` from a ``{gene id: median}`` table (NaN for genes it lacks)."""
+    median = np.full(len(vocab), np.nan)
+    tokens = vocab.lookup(list(table))
+    found = tokens >= 0
+    median[tokens[found]] = np.fromiter(table.values(), dtype=np.float64)[found]
+    if not found.any():
+        raise ScfmInputError("no gene of the median table is in the vocabulary", where=where,
+                             fix="use the medians that match the vocabulary (Ensembl ids)")
     median[: vocab.n_special] = np.nan
     return median.astype(np.float32)
 

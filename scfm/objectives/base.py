@@ -10,7 +10,8 @@ its module without the corpus.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -18,7 +19,25 @@ from torch import Tensor
 
 from scfm.errors import ScfmInputError
 
-__all__ = ["NonFiniteLossError", "PretrainingModule", "data_facts", "warmup_schedule"]
+__all__ = ["Needs", "NonFiniteLossError", "PretrainingModule", "data_facts", "warmup_schedule"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an objective or task needs of the other config groups; ``scfm.config.validate`` checks these before
+    any data is read (an empty tuple: anything goes)."""
+
+    encodings: tuple[str, ...] = ()  # encoding kinds it reads (``encoding.kind``)
+    architectures: tuple[str, ...] = ()  # architectures it trains (``scfm.model.ARCHITECTURES``)
+    masks: frozenset[str] = field(default_factory=frozenset)  # attention layouts it uses beyond padding: generative
+    pretrained: bool = False  # needs ``pretrained=<bundle>``
+    what: str = ""  # what it does, for messages: "predicts gene ids from rank-ordered genes"
+
+    def check_encoding(self, who: str, kind: str | None, where: str, fix: str) -> None:
+        """Raise naming ``who`` (``objective=mlm``) unless it reads encodings of ``kind`` (None: not known)."""
+        if self.encodings and kind is not None and kind not in self.encodings:
+            raise ScfmInputError(f"{who} {self.what} and needs encoding={' or '.join(self.encodings)}, not "
+                                 f"encoding={kind}", where=where, fix=fix)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,7 +49,7 @@ def data_facts(vocab: Any, labels: dict[str, list[str]] | None = None, encoding:
 
     Keys: ``vocab_size``, ``pad_id``, ``mask_id``, ``cls_id``, ``eos_id`` (-1 where the vocabulary lacks the
     token), ``first_gene_id``, ``n_labels`` ({role: number of labels}), ``n_modalities``, ``encoding`` (the
-    encoding's class name) and, when the encoding has them, ``n_bins`` and ``max_len``.
+    encoding's ``kind``: rank / bin / continuous) and, when the encoding has them, ``n_bins`` and ``max_len``.
     """
     from scfm.data.vocab import MODALITIES
 
@@ -42,7 +61,7 @@ def data_facts(vocab: Any, labels: dict[str, list[str]] | None = None, encoding:
         "cls_id": special("<cls>"), "eos_id": special("<eos>"), "first_gene_id": vocab.n_special,
         "n_labels": {role: len(values) for role, values in (labels or {}).items()},
         "n_modalities": len(MODALITIES),
-        "encoding": type(encoding).__name__ if encoding is not None else None,
+        "encoding": getattr(encoding, "kind", None),
     }
     for key in ("n_bins", "max_len"):
         value = getattr(encoding, key, None)
@@ -60,13 +79,21 @@ class PretrainingModule(L.LightningModule):
     resumed run masks exactly as the uninterrupted one), AdamW with weight decay on matrices only and a
     warm-up schedule, and a guard that stops training with :class:`NonFiniteLossError` before an optimiser
     step would apply a NaN/inf gradient (so parameters and the last checkpoint stay good).
+
+    ``NAME`` (the ``objective=`` option) and ``NEEDS`` (:class:`Needs`) declare what the objective fits.
     """
+
+    NAME: ClassVar[str] = ""
+    NEEDS: ClassVar[Needs] = Needs()
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any], lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "linear",
                  total_steps: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()  # also collects the subclass's __init__ arguments
+        if self.NAME:  # a module built by hand (not by scfm-train) gets the same rule as validate()
+            self.NEEDS.check_encoding(f"objective={self.NAME}", data.get("encoding"), where="data facts",
+                                      fix=f"encode cells with encoding={' or '.join(self.NEEDS.encodings)}")
         if scheduler not in _Schedule.KINDS:
             raise ScfmInputError(f"unknown scheduler {scheduler!r}", where="objective.scheduler",
                                  fix=f"use one of: {', '.join(_Schedule.KINDS)}")
@@ -90,7 +117,8 @@ class PretrainingModule(L.LightningModule):
 
         context = checkpoint.get(CHECKPOINT_KEY)
         if context and self.bundle_context is None:
-            self.bundle_context = {k: context[k] for k in ("vocab", "encoding", "arrays", "labels")}
+            self.bundle_context = {k: context[k] for k in ("vocab", "encoding", "arrays", "labels", "source")
+                                   if k in context}
 
     # -- what subclasses implement -----------------------------------------------------------------
     def step(self, batch: Any, batch_idx: int, stage: str) -> Tensor:

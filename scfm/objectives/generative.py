@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor
 
 from scfm.errors import ScfmInputError
-from scfm.model.attention import EXACT_KERNELS
 from scfm.model.scgpt import ScGPTConfig, ScGPTModel, ecs_loss
-from scfm.objectives.base import PretrainingModule
+from scfm.objectives.base import Needs, PretrainingModule
 
 __all__ = [
     "GenerativePretraining",
@@ -111,6 +109,10 @@ class GenerativePretraining(PretrainingModule):
     baseline), ``unknown_fraction`` and, when enabled, ``feedback_mse``, ``ecs``, ``dab``, ``zero_nll``.
     """
 
+    NAME: ClassVar[str] = "generative"
+    NEEDS: ClassVar[Needs] = Needs(encodings=("bin",), architectures=("scgpt",), masks=frozenset({"generative"}),
+                                   what="regresses scGPT's binned values (values + values_bin)")
+
     def __init__(self, model: dict[str, Any], data: dict[str, Any],
                  unknown_fractions: Sequence[float] = (0.25, 0.5, 0.75), fraction_per: str = "batch",
                  gep_weight: float = 1.0, gepc_weight: float = 1.0, ecs_weight: float = 10.0,
@@ -143,30 +145,6 @@ class GenerativePretraining(PretrainingModule):
         self.register_buffer("gene_value_count", torch.zeros(c.vocab_size, dtype=torch.long))
         self.register_buffer("global_value_mean", torch.zeros(()))
         self.register_buffer("global_value_count", torch.zeros((), dtype=torch.long))
-
-    # -- config checks (scfm-train's validate() calls this before any data is read) ------------------------
-    @staticmethod
-    def check_config(cfg: DictConfig) -> None:
-        """encoding must be ``bin``, the model ``scgpt*``, the attention kernel exact (the generative mask)."""
-        encoding = str(cfg.encoding.get("_target_", ""))
-        if not encoding.endswith("BinEncoding"):
-            name = encoding.rsplit(".", 1)[-1] or "?"
-            raise ScfmInputError(f"objective=generative regresses scGPT's binned values and needs encoding=bin "
-                                 f"(values + values_bin), got {name}",
-                                 where="config groups objective + encoding", fix="use encoding=bin")
-        model = str(cfg.model.get("_target_", ""))
-        if not model.endswith("ScGPTConfig"):
-            raise ScfmInputError(f"objective=generative trains the scGPT architecture, got model {model or '?'}",
-                                 where="config groups objective + model", fix="use model=scgpt or model=scgpt_tiny")
-        kernel = str(cfg.model.get("attention", cfg.get("attention", {}).get("kernel", "sdpa")))
-        if kernel not in EXACT_KERNELS and kernel != "flash":
-            raise ScfmInputError(f"attention={kernel} cannot express scGPT's generative attention mask",
-                                 where="config groups attention + objective",
-                                 fix=f"use attention={' or attention='.join(k for k in EXACT_KERNELS if k != 'eager')}"
-                                     " (or eager)")
-        if kernel == "flash":
-            raise ScfmInputError("attention=flash (flash-attn varlen) has no generative mask in scfm yet",
-                                 where="config groups attention + objective", fix="use attention=sdpa or flex")
 
     # -- training ------------------------------------------------------------------------------------------
     def forward(self, batch: Any, known: Tensor | None = None) -> dict[str, Tensor]:

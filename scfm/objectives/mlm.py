@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from scfm.model.bert import BertConfig, BertForMaskedGeneModeling
-from scfm.objectives.base import PretrainingModule, warmup_schedule
+from scfm.objectives.base import Needs, PretrainingModule, warmup_schedule
 
 __all__ = ["IGNORE", "MaskedGeneModeling", "mask_genes", "warmup_schedule"]
 
@@ -37,6 +37,10 @@ class MaskedGeneModeling(PretrainingModule):
     Logs loss, masked-gene accuracy and the accuracy of always predicting the most frequent masked gene
     seen so far in training (``freq_baseline_acc``).
     """
+
+    NAME: ClassVar[str] = "mlm"
+    NEEDS: ClassVar[Needs] = Needs(encodings=("rank",), architectures=("bert",),
+                                   what="predicts gene ids from rank-ordered genes")
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any], mask_prob: float = 0.15, mask_ratio: float = 0.8,
                  random_ratio: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.001,

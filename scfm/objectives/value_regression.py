@@ -18,15 +18,14 @@ by training batches only, after their metrics are taken):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from scfm.errors import ScfmInputError
 from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
-from scfm.objectives.base import PretrainingModule
+from scfm.objectives.base import Needs, PretrainingModule
 
 __all__ = ["ValueRegression"]
 
@@ -34,15 +33,15 @@ __all__ = ["ValueRegression"]
 class ValueRegression(PretrainingModule):
     """xTrimoGene encoder-decoder trained to regress masked gene values of continuous-encoded cells."""
 
+    NAME: ClassVar[str] = "value_regression"
+    NEEDS: ClassVar[Needs] = Needs(encodings=("continuous",), architectures=("xtrimo",),
+                                   what="regresses continuous expression values (scFoundation)")
+
     def __init__(self, model: dict[str, Any], data: dict[str, Any], lr: float = 1e-4, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000, scheduler: str = "cosine",
                  total_steps: int | None = None, seed: int = 0) -> None:
         super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          scheduler=scheduler, total_steps=total_steps, seed=seed)
-        encoding = data.get("encoding")
-        if encoding is not None and encoding != "ContinuousEncoding":
-            raise ScfmInputError(f"objective=value_regression needs continuous-encoded cells, got {encoding}",
-                                 where="config groups objective + encoding", fix="use encoding=continuous")
         fields = dict(model)
         max_len = data.get("max_len")
         if fields.get("max_seq_len") is None:
@@ -60,25 +59,6 @@ class ValueRegression(PretrainingModule):
         n = self.config.max_seq_len  # running sums per layout position (= per gene of the fixed list)
         for name in ("gene_sum", "gene_count", "masked_sum", "masked_count"):
             self.register_buffer(name, torch.zeros(n, dtype=torch.float64))
-
-    @staticmethod
-    def check_config(cfg: DictConfig) -> None:
-        """Needs encoding=continuous, model=xtrimo*, padded batches (raises naming the groups in conflict)."""
-        encoding = str(cfg.encoding.get("_target_", ""))
-        if not encoding.endswith("ContinuousEncoding"):
-            raise ScfmInputError("objective=value_regression regresses continuous gene values and needs "
-                                 f"encoding=continuous (got {encoding.rsplit('.', 1)[-1] or 'none'})",
-                                 where="config groups objective + encoding", fix="use encoding=continuous")
-        model = str(cfg.model.get("_target_", ""))
-        if not model.endswith("XtrimoConfig"):
-            raise ScfmInputError(f"objective=value_regression trains the xTrimoGene encoder-decoder, not "
-                                 f"{model.rsplit('.', 1)[-1] or 'none'}", where="config groups objective + model",
-                                 fix="use model=xtrimo or model=xtrimo_tiny")
-        batching = cfg.get("batching") or {}
-        if batching.get("strategy") == "packed":
-            raise ScfmInputError("model=xtrimo takes padded batches, not packed ones",
-                                 where="config groups model + batching",
-                                 fix="use batching=random (continuous cells all have the same length)")
 
     def forward(self, batch: Any) -> dict[str, Tensor]:
         return self.model(batch)
