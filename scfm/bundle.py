@@ -168,6 +168,9 @@ def write_bundle(folder: str | Path, model: nn.Module, encoding: Any, vocab: Voc
     if labels:
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp / WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; the bundle's files share one mode
     from importlib.metadata import version
 
     config = {"format": FORMAT, "version": VERSION, "scfm_version": version("scfm"),

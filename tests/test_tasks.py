@@ -60,6 +60,24 @@ def test_embed_writes_every_cell_in_corpus_order(bundle, tmp_path, pbmc_corpus):
     assert np.abs(emb[:5] - emb[5:10]).max() > 1e-3  # cells differ
 
 
+def test_embed_with_loader_workers(bundle, tmp_path, cache_dir, pbmc_corpus):
+    """Workers hand batches over in shared memory, in buffers the main process frees by clearing a flag; predict runs
+    in inference mode, where those flags became inference tensors that could not be cleared (the buffers leaked)."""
+    from scfm.data.datamodule import CellDataModule
+
+    _, encoding, vocab = load_pretrained(bundle)
+    dm = CellDataModule(encoding, {"strategy": "random", "batch_size": 64}, corpus=str(pbmc_corpus.path),
+                        progress=False, vocab=vocab, num_workers=1)
+    loader = dm.predict_dataloader()
+    with torch.inference_mode():
+        n = sum(int(b["lengths"].numel()) for b in loader)
+    assert n == pbmc_corpus.n_cells and not loader.dataset.in_use.is_inference()
+    train(embed_cfg(tmp_path / "w", f"pretrained={bundle}", "data.num_workers=2"))
+    train(embed_cfg(tmp_path / "s", f"pretrained={bundle}"))
+    workers, single = (np.load(tmp_path / name / "embeddings.npy") for name in ("w", "s"))
+    np.testing.assert_array_equal(workers, single)
+
+
 def test_embed_from_scratch_is_the_architecture_alone(tmp_path, cache_dir):
     train(embed_cfg(tmp_path, "model=bert_tiny", "encoding.max_len=64"))
     emb = np.load(tmp_path / "embeddings.npy")

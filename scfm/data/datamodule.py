@@ -150,7 +150,8 @@ class _Loader(StatefulDataLoader):
 
     def _get_iterator(self):
         if self.num_workers and isinstance(self.dataset, CellStream):  # fresh workers: fresh buffer-pool flags
-            self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
+            with torch.inference_mode(False):  # predict runs in inference mode; the flags are updated later
+                self.dataset.in_use = torch.zeros((self.num_workers, _POOL), dtype=torch.bool).share_memory_()
             _check_shared_memory(self.num_workers, self.dataset.message_bytes)
             self.dataset.read_shard_facts()  # once, here: the workers forked next inherit them
         return super()._get_iterator()

@@ -42,9 +42,11 @@ class EmbedCells(TaskModule):
     def on_predict_start(self) -> None:
         self._rows, self._index, self._started = [], [], time.perf_counter()
 
-    def predict_step(self, batch: Any, batch_idx: int) -> None:
-        self._rows.append(self.embed(batch, self.hparams.pool).float().cpu().numpy())
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        emb = self.embed(batch, self.hparams.pool).float()
+        self._rows.append(emb.cpu().numpy())
         self._index.append(batch["cell_index"].cpu().numpy())
+        return emb
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings [n, D] in corpus order, the cells' corpus indices) of the last predict run."""
