@@ -20,7 +20,6 @@ encoded exactly as in training.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import os
@@ -34,6 +33,7 @@ import torch
 import yaml
 from torch import nn
 
+from scfm.data.corpus import file_meta, sha256_file
 from scfm.data.vocab import Vocab
 from scfm.errors import ScfmInputError
 from scfm.model import architecture_kind, build_architecture
@@ -108,14 +108,6 @@ def encoding_from_spec(spec: dict[str, Any], vocab: Vocab, arrays: dict[str, np.
 # ---------------------------------------------------------------- writing
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_arrays(folder: Path, arrays: dict[str, np.ndarray], vocab: Vocab) -> None:
     genes = np.asarray(list(vocab.specials) + list(vocab.gene_ids), dtype=object)
     for name, values in arrays.items():
@@ -177,7 +169,7 @@ def write_bundle(folder: str | Path, model: nn.Module, encoding: Any, vocab: Voc
               "architecture": {"kind": architecture_kind(model), "config": dataclasses.asdict(model.config)},
               "encoding": encoding_spec(encoding), "encoding_arrays": sorted(arrays),
               "data": _plain(data), "source": _plain(source),
-              "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}}
+              "files": {p.name: file_meta(p) for p in sorted(tmp.iterdir())}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
@@ -224,7 +216,7 @@ def read_bundle(path: str | Path) -> Bundle:
         if file.stat().st_size != meta["bytes"]:
             raise ScfmInputError(f"{name} is truncated or changed: {file.stat().st_size:,} bytes, config.yaml says "
                                  f"{meta['bytes']:,}", where=str(file), fix="copy the bundle again, or re-export it")
-        if _sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise ScfmInputError(f"{name} is corrupted: its sha256 differs from config.yaml's", where=str(file),
                                  fix="copy the bundle again, or re-export it")
     for name in ("vocab.tsv", WEIGHTS):

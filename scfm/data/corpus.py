@@ -40,12 +40,18 @@ SHARD_ARRAYS = {"gene_ids": np.int32, "counts": np.int32, "offsets": np.int64}
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_meta(path: Path) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of a file, as manifests record them."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def is_corpus(path: str | Path) -> bool:
@@ -116,7 +122,7 @@ class Corpus:
     def verify(self) -> None:
         """Recompute the sha256 of every file and compare with the manifest."""
         for file, meta in self._files():
-            if _sha256_file(file) != meta["sha256"]:
+            if sha256_file(file) != meta["sha256"]:
                 raise CorruptCorpusError("checksum differs from the manifest (corrupted shard)", where=str(file),
                                          fix="re-run scfm-prepare into a new folder, or restore this file")
 

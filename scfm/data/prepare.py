@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scfm.data.corpus import FORMAT, FORMAT_VERSION, SHARD_ARRAYS, Corpus, _sha256_file, is_corpus
+from scfm.data.corpus import FORMAT, FORMAT_VERSION, SHARD_ARRAYS, Corpus, file_meta, is_corpus
 from scfm.data.gene_stats import GeneStatsAccumulator, normalised_values
 from scfm.data.vocab import Vocab, load_gene_map, modality_of, strip_version
 from scfm.errors import ScfmInputError
@@ -65,10 +65,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _file_meta(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
 
 
 def cell_hash(cell_ids: Sequence[str] | pd.Index) -> np.ndarray:
@@ -265,9 +261,9 @@ class _ShardWriter:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp / "obs.parquet", self.folder / f"{name}.obs.parquet")
         os.replace(tmp, final)
-        files = {f"{name}/{k}.memmap": _file_meta(final / f"{k}.memmap") for k in SHARD_ARRAYS}
-        files[f"{name}/meta.json"] = _file_meta(final / "meta.json")
-        files[f"{name}.obs.parquet"] = _file_meta(self.folder / f"{name}.obs.parquet")
+        files = {f"{name}/{k}.memmap": file_meta(final / f"{k}.memmap") for k in SHARD_ARRAYS}
+        files[f"{name}/meta.json"] = file_meta(final / "meta.json")
+        files[f"{name}.obs.parquet"] = file_meta(self.folder / f"{name}.obs.parquet")
         self.written.append({"name": name, "n_cells": self.n_cells, "n_tokens": self.n_tokens, "files": files})
         self.next_index += 1
         self._reset()
@@ -362,7 +358,7 @@ def prepare(inputs: Sequence[InputSpec | str], output: str | Path, options: Prep
     if manifest is None:
         vocab.save(staging / "vocab.tsv")
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "sources": [], "shards": [],
-                    "vocab": {"file": "vocab.tsv", "n_tokens": len(vocab), **_file_meta(staging / "vocab.tsv")},
+                    "vocab": {"file": "vocab.tsv", "n_tokens": len(vocab), **file_meta(staging / "vocab.tsv")},
                     "columns": dict(options.columns)}
     elif dict(options.columns) != manifest.get("columns", {}):
         raise ScfmInputError(f"label columns {dict(options.columns)} differ from the corpus's {manifest['columns']}",
@@ -491,7 +487,7 @@ def _write_gene_stats(staging: Path, manifest: dict[str, Any], vocab: Vocab, opt
     stats.insert(1, "gene_id", list(vocab.specials) + list(vocab.gene_ids))
     stats.to_parquet(staging / "gene_stats.parquet.tmp", index=False)
     manifest["gene_stats"] = {"file": "gene_stats.parquet", "method": method,
-                              **_file_meta(staging / "gene_stats.parquet.tmp")}
+                              **file_meta(staging / "gene_stats.parquet.tmp")}
 
 
 def _write_labels(staging: Path, manifest: dict[str, Any]) -> None:
@@ -504,4 +500,4 @@ def _write_labels(staging: Path, manifest: dict[str, Any]) -> None:
             for role in roles:
                 values[role].update(v for v in obs[role].dropna().unique())
     (staging / "labels.json.tmp").write_text(json.dumps({r: sorted(v) for r, v in values.items()}, indent=1))
-    manifest["labels"] = {"file": "labels.json", **_file_meta(staging / "labels.json.tmp")}
+    manifest["labels"] = {"file": "labels.json", **file_meta(staging / "labels.json.tmp")}
