@@ -107,8 +107,8 @@ def _parts(cfg: DictConfig) -> Parts:
         encoding = get_class(bundle.config["encoding"]["_target_"]).kind
         arch = bundle.architecture
     else:
-        target = cfg.encoding.get("_target_")
-        encoding = getattr(get_class(str(target)), "kind", None) if target else None
+        encoding_target = cfg.encoding.get("_target_")
+        encoding = getattr(get_class(str(encoding_target)), "kind", None) if encoding_target else None
         arch = architecture_kind(str(cfg.model._target_)) if cfg.model.get("_target_") else None
     kernel = cfg.model.get("attention") or (cfg.get("attention") or {}).get("kernel")
     return Parts(group, module, getattr(module, "NAME", "") or target.rsplit(".", 1)[-1], encoding, arch,
