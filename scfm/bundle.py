@@ -68,12 +68,13 @@ class Bundle:
         and arrays."""
         return encoding_from_spec({**self.config["encoding"], **fields}, self.vocab, self.arrays)
 
-    def backbone(self, device: str | torch.device = "cpu") -> nn.Module:
-        """The architecture with the bundle's weights, in eval mode."""
+    def backbone(self, device: str | torch.device = "cpu", **fields: Any) -> nn.Module:
+        """The architecture with the bundle's weights, in eval mode; ``fields``: config fields replaced (e.g. the
+        attention kernel, the data facts ``scfm.model.complete_config`` fills in), the weights must still fit."""
         from safetensors.torch import load_model
 
         arch = self.config["architecture"]
-        model = build_architecture(arch["kind"], arch["config"])
+        model = build_architecture(arch["kind"], {**arch["config"], **fields})
         try:
             load_model(model, str(self.path / WEIGHTS), strict=True, device=str(device))
         except Exception as err:  # names do not match the architecture: a bundle of another scfm version

@@ -138,7 +138,7 @@ class _Tiny(PretrainingModule):
     """The shared machinery around one linear layer (no corpus needed)."""
 
     def __init__(self) -> None:
-        super().__init__(model={}, data={}, lr=2e-3, weight_decay=0.1, betas=(0.8, 0.9))
+        super().__init__(None, data={}, lr=2e-3, weight_decay=0.1, betas=(0.8, 0.9))
         self.layer = torch.nn.Linear(3, 3)
 
 

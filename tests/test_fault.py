@@ -157,7 +157,7 @@ class _Overflowing(PretrainingModule):
     """One linear layer whose loss overflows float16 at the steps in ``overflow`` (all steps: ``None``)."""
 
     def __init__(self, overflow: set[int] | None) -> None:
-        super().__init__(model={}, data={}, lr=0.1)
+        super().__init__(None, data={}, lr=0.1)
         self.layer = torch.nn.Linear(4, 4)
         self.overflow, self.weights = overflow, []
 

@@ -19,6 +19,7 @@ from scfm.config.validate import validate
 from scfm.data.datamodule import CellDataModule
 from scfm.encodings.bin import BinEncoding
 from scfm.errors import ScfmInputError
+from scfm.model import build_architecture
 from scfm.model.scgpt import ScGPTConfig, ScGPTModel
 from scfm.objectives.base import data_facts
 from scfm.objectives.generative import (
@@ -56,7 +57,7 @@ def module(facts: dict, **kw) -> GenerativePretraining:
                                           hidden=32, heads=4, ffn=64, dropout=0.0, value_source="values"))
     hp = dict(lr=3e-3, warmup_steps=0, scheduler="constant", total_steps=STEPS)
     hp.update(kw)
-    m = GenerativePretraining(arch, facts, **hp)
+    m = GenerativePretraining(build_architecture("scgpt", arch, facts), facts, **hp)
     m.logged = []
     m.log_metrics = lambda stage, metrics, bs, prog_bar=(): m.logged.append(  # capture instead of self.log
         {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()})

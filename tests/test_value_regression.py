@@ -19,6 +19,7 @@ from scfm.data.batching import Batching
 from scfm.data.stream import CellStream
 from scfm.encodings.continuous import ContinuousEncoding
 from scfm.errors import ScfmInputError
+from scfm.model import build_architecture
 from scfm.model.xtrimo import XtrimoConfig
 from scfm.objectives.base import data_facts
 from scfm.objectives.value_regression import ValueRegression
@@ -39,7 +40,8 @@ def gene_list(pbmc_corpus, tmp_path_factory) -> str:
 def tiny_module(pbmc_corpus, enc: ContinuousEncoding, lr: float = 3e-2) -> ValueRegression:
     cfg = XtrimoConfig(vocab_size=len(pbmc_corpus.vocab), layers=2, hidden=64, heads=4, ffn=128, dropout=0.0,
                        decoder_layers=1, decoder_hidden=32, decoder_heads=4, decoder_ffn=64, max_seq_len=None)
-    return ValueRegression(dataclasses.asdict(cfg), data_facts(pbmc_corpus.vocab, pbmc_corpus.labels, enc), lr=lr,
+    facts = data_facts(pbmc_corpus.vocab, pbmc_corpus.labels, enc)
+    return ValueRegression(build_architecture("xtrimo", dataclasses.asdict(cfg), facts), facts, lr=lr,
                            warmup_steps=0, scheduler="constant")
 
 
@@ -97,10 +99,15 @@ def test_refuses_other_encodings(pbmc_corpus):
                        decoder_hidden=16, decoder_heads=2, decoder_ffn=16, max_seq_len=None)
     facts = data_facts(pbmc_corpus.vocab, pbmc_corpus.labels, RankEncoding())
     with pytest.raises(ScfmInputError, match="encoding=continuous"):
-        ValueRegression(dataclasses.asdict(cfg), facts)
+        ValueRegression(build_architecture("xtrimo", dataclasses.asdict(cfg), {"max_len": 50}), facts)
     facts = {**data_facts(pbmc_corpus.vocab), "encoding": "continuous", "max_len": 50}
-    with pytest.raises(ScfmInputError, match="max_seq_len"):
-        ValueRegression({**dataclasses.asdict(cfg), "max_seq_len": 40}, facts)
+    short = build_architecture("xtrimo", {**dataclasses.asdict(cfg), "max_seq_len": 40})
+    with pytest.raises(ScfmInputError, match="max_seq_len"):  # the injected backbone is checked against the data
+        ValueRegression(short, facts)
+    with pytest.raises(ScfmInputError, match="max_seq_len"):  # and so is a config completed from it
+        build_architecture("xtrimo", {**dataclasses.asdict(cfg), "max_seq_len": 40}, facts)
+    with pytest.raises(ScfmInputError, match="does not say the cells' length"):
+        build_architecture("xtrimo", dataclasses.asdict(cfg), {})
 
 
 def compose_cfg(tmp_path: Path, *overrides: str) -> DictConfig:

@@ -35,11 +35,11 @@ def build_datamodule(cfg: DictConfig, encoding: Any = None, vocab: Any = None) -
 def build(cfg: DictConfig) -> tuple[Any, Any]:
     """Instantiate (datamodule, lightning module) from a composed config; prepares built-in data if needed.
 
-    The objective (or the task, when ``task=`` is set) gets ``model`` (the architecture config as a dict, sized to
-    the corpus's vocabulary, or the bundle's with ``pretrained=<bundle>``) and ``data``
-    (:func:`scfm.objectives.base.data_facts`: special-token ids, label counts, encoding facts); a task also gets
-    ``architecture`` (its kind). With ``pretrained``, the bundle's encoding reads the data and its weights are
-    loaded.
+    The backbone is built once, here: ``cfg.model`` sized to the corpus's vocabulary and labels, or the bundle's
+    architecture with its weights under ``pretrained=<bundle>`` (whose encoding then reads the data), its config
+    completed from the data facts (:func:`scfm.model.complete_config`). The objective (or the task, when ``task=``
+    is set) gets it as ``backbone`` with ``data`` (:func:`scfm.objectives.base.data_facts`: special-token ids,
+    label counts, encoding facts); a task also gets ``pretrained`` and freezes its layers.
     """
 
     validate(cfg)
@@ -57,7 +57,7 @@ def _build(cfg: DictConfig) -> tuple[Any, Any]:
     from hydra.utils import get_class, instantiate
 
     from scfm.bundle import checkpoint_context, read_bundle
-    from scfm.model import architecture_kind
+    from scfm.model import architecture_kind, build_architecture, complete_config
     from scfm.objectives.base import data_facts
 
     group, node = module_node(cfg)
@@ -79,19 +79,14 @@ def _build(cfg: DictConfig) -> tuple[Any, Any]:
     vocab = datamodule.vocab if bundle is None else bundle.vocab
     facts = data_facts(vocab, datamodule.corpus.labels, datamodule.encoding)
     if bundle is None:
-        model_cfg = instantiate(cfg.model, vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"),
+        model_cfg = instantiate(cfg.model, _convert_="all", vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"),
                                 conditions=list(cfg.data.get("conditions") or []), n_labels=facts["n_labels"])
-        fields = dataclasses.asdict(model_cfg)
-    extra = {}
+        backbone = build_architecture(kind, complete_config(kind, dataclasses.asdict(model_cfg), facts))
+    else:  # the bundle's weights, in training mode (Lightning does not switch an eval-mode model back)
+        backbone = bundle.backbone(**complete_config(kind, fields, facts)).train()
+    extra = {"pretrained": None if bundle is None else str(bundle.path)} if group == "task" else {}
+    module = instantiate(node, _convert_="all", backbone=backbone, data=facts, **extra)
     if group == "task":
-        extra = {"architecture": kind, "pretrained": None if bundle is None else str(bundle.path)}
-    module = instantiate(node, _convert_="all", model=fields, data=facts, **extra)
-    if bundle is not None:
-        if group == "task":
-            module.load_weights(bundle.backbone())
-        else:  # continued pretraining from a bundle
-            module.model.load_state_dict(bundle.backbone().state_dict(), strict=True)
-    elif group == "task":
         module.apply_freeze()
     module.bundle_context = checkpoint_context(datamodule.encoding, vocab, datamodule.corpus.labels,
                                                {"corpus": str(Path(datamodule.corpus.path).resolve())})

@@ -59,7 +59,7 @@ class BertConfig:
     attention_dropout: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_id: int = 0
-    first_gene_id: int | None = None  # ids below are specials (<cls>, <eos>); objective mlm fills it in from the data
+    first_gene_id: int | None = None  # ids below are specials (<cls>, <eos>); complete_config fills it in
     attention: str = "sdpa"
     initializer_range: float = 0.02
     value_embedding: str = "none"  # none (rank: positions) / bins / mlp / autodiscretize (scfm.model.embeddings)

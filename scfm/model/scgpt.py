@@ -73,7 +73,7 @@ class ScGPTConfig:
     ``value_embedding``: ``mlp`` (``ContinuousValueEncoder`` on ``batch[value_source]``) or ``bins``
     (``CategoryValueEncoder`` on ``values_bin``; table of ``n_bins + 2``: scGPT's pad id ``n_bins`` is
     ``<cls>``'s input, ``n_bins + 1`` its mask id). ``cls_id``/``cls_value``: the value input at ``<cls>``
-    tokens (``cls_id`` is filled in from the corpus by the objective). ``mvc``: the GEPC/MVC decoder;
+    tokens (``cls_id`` is filled in from the corpus by ``scfm.model.complete_config``). ``mvc``: the GEPC/MVC decoder;
     ``ecs_threshold`` > 0: elastic cell similarity; ``dab``: adversarial batch discriminator (gradient
     reversal); ``dsbn``: domain-specific batch norm; ``use_batch_labels``: batch embedding concatenated to the
     decoders' inputs; these three need batch labels (``data.conditions=[batch]``). ``n_cls`` > 1 adds a cell

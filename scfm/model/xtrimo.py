@@ -77,7 +77,8 @@ class XtrimoConfig:
     ``torch.arange(19266)``). Taken from the paper / the design card, not from code: encoder 12 layers, hidden
     768, 12 heads; decoder 6 layers, hidden 512, 8 heads (8 × 64 = 512).
 
-    ``max_seq_len=None`` sizes ``pos_emb`` from the data (the encoding's length, set by ``objective``).
+    ``max_seq_len=None`` sizes ``pos_emb`` from the data (the encoding's length, set by
+    ``scfm.model.complete_config``).
     """
 
     vocab_size: int
@@ -323,7 +324,7 @@ class XtrimoModel(nn.Module):
         if config.max_seq_len is None:
             raise ScfmInputError("model.max_seq_len is null: the gene-list length is not known here",
                                  where="XtrimoModel", fix="set max_seq_len to n_genes + 2 (T, S), or build the "
-                                                          "model through objective=value_regression")
+                                                          "model with build_architecture(kind, fields, data)")
         self.config = config
         self.token_emb = AutoDiscretizationEmbedding(config.hidden, config.n_bins, config.bin_alpha,
                                                      config.autobin_version)

@@ -1,23 +1,28 @@
-"""What every pretraining objective shares: data facts, seeded masking draws, AdamW + warm-up, a NaN guard.
+"""What every pretraining objective shares: an injected backbone, data facts, seeded masking draws, AdamW +
+warm-up, a NaN guard.
 
-An objective is a LightningModule built by ``scfm-train`` as
-``instantiate(cfg.objective, model=<architecture config as a dict>, data=<data facts>)``, where the data
-facts (:func:`data_facts`) are plain values taken from the corpus and encoding: token ids of the specials,
-vocabulary size, label-vocabulary sizes. Both dicts are saved as hyper-parameters, so a checkpoint rebuilds
-its module without the corpus.
+An objective is a LightningModule that trains a backbone it is given (lightning-hydra-template's ``net``):
+``scfm-train`` builds the architecture once (``scfm.model.build_architecture``, its config completed from the data
+facts, with a bundle's weights under ``pretrained=``) and instantiates ``cfg.objective`` with ``backbone=<model>``
+and ``data=<data facts>`` (:func:`data_facts`: plain values from the corpus and encoding: token ids of the
+specials, vocabulary size, label-vocabulary sizes). The hyper-parameters record the data facts and the backbone's
+architecture (``{"kind", "config"}``), so ``Objective.load_from_checkpoint(path)`` rebuilds the module without the
+corpus.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError
+from scfm.model import ARCHITECTURES, architecture_kind, build_architecture, complete_config
 
 __all__ = ["Needs", "NonFiniteLossError", "PretrainingModule", "data_facts", "warmup_schedule"]
 
@@ -73,8 +78,11 @@ def data_facts(vocab: Any, labels: dict[str, list[str]] | None = None, encoding:
 class PretrainingModule(L.LightningModule):
     """Base of the pretraining objectives.
 
-    Subclasses build their model from ``self.hparams.model`` / ``self.hparams.data`` and implement
-    :meth:`step` (``batch, batch_idx, stage -> loss``), logging through :meth:`log_metrics`.
+    ``backbone``: the architecture to train (an ``scfm.model`` model), kept as ``self.model`` (its config as
+    ``self.config``); it must be one of ``NEEDS.architectures`` and fit the data facts. None: rebuilt (randomly
+    initialised) from ``architecture``, the ``{"kind", "config"}`` the hyper-parameters recorded, as
+    ``load_from_checkpoint`` does. Subclasses add their heads and buffers and implement :meth:`step`
+    (``batch, batch_idx, stage -> loss``), logging through :meth:`log_metrics`.
     Provides: :meth:`generator` (masking draws seeded by seed, epoch, batch index, rank and stage, so a
     resumed run masks exactly as the uninterrupted one), AdamW with weight decay on matrices only and a
     warm-up schedule, and a guard that stops training with :class:`NonFiniteLossError` before an optimiser
@@ -83,20 +91,44 @@ class PretrainingModule(L.LightningModule):
     ``NAME`` (the ``objective=`` option) and ``NEEDS`` (:class:`Needs`) declare what the objective fits.
     """
 
+    GROUP: ClassVar[str] = "objective"  # the config group of NAME, for messages
     NAME: ClassVar[str] = ""
     NEEDS: ClassVar[Needs] = Needs()
 
-    def __init__(self, model: dict[str, Any], data: dict[str, Any], lr: float = 1e-3, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "linear",
-                 total_steps: int | None = None, seed: int = 0) -> None:
+    def __init__(self, backbone: nn.Module | None, data: dict[str, Any] | None, lr: float = 1e-3,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 scheduler: str = "linear", total_steps: int | None = None, seed: int = 0,
+                 architecture: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()  # also collects the subclass's __init__ arguments
+        self.save_hyperparameters(ignore=["backbone"])  # also collects the subclass's __init__ arguments
+        who = f"{self.GROUP}={self.NAME}"
+        if data is None:
+            raise ScfmInputError(f"{who} needs the data facts", where=f"{self.GROUP}(data=...)",
+                                 fix="pass data=scfm.objectives.base.data_facts(vocab, labels, encoding)")
         if self.NAME:  # a module built by hand (not by scfm-train) gets the same rule as validate()
-            self.NEEDS.check_encoding(f"objective={self.NAME}", data.get("encoding"), where="data facts",
+            self.NEEDS.check_encoding(who, data.get("encoding"), where="data facts",
                                       fix=f"encode cells with encoding={' or '.join(self.NEEDS.encodings)}")
         if scheduler not in _Schedule.KINDS:
             raise ScfmInputError(f"unknown scheduler {scheduler!r}", where="objective.scheduler",
                                  fix=f"use one of: {', '.join(_Schedule.KINDS)}")
+        if backbone is None and architecture is not None:  # load_from_checkpoint: the weights follow
+            backbone = build_architecture(architecture["kind"], architecture["config"])
+        if backbone is not None:
+            kind = architecture_kind(backbone)
+            needs = self.NEEDS.architectures
+            if needs and kind not in needs:
+                names = " / ".join(f"{a} ({ARCHITECTURES[a].description})" for a in needs)
+                raise ScfmInputError(f"{who} trains the {names} architecture, not the injected {kind} backbone",
+                                     where=f"{self.GROUP}(backbone=...)", fix=f"inject a {' or '.join(needs)} model")
+            config = dataclasses.asdict(backbone.config)
+            complete_config(kind, config, data)  # raises where the backbone does not fit the data (xtrimo's length)
+            # recorded after the arguments were collected (a subclass's own architecture=None would win there)
+            self.save_hyperparameters({"architecture": {"kind": kind, "config": config}})
+            self.model = backbone
+            self.config = backbone.config
+        elif self.NAME:
+            raise ScfmInputError(f"{who} needs a backbone", where=f"{self.GROUP}(backbone=...)",
+                                 fix="pass backbone=scfm.model.build_architecture(kind, fields, data)")
         self._last_loss: float | None = None
         self.bundle_context: dict[str, Any] | None = None  # vocabulary + encoding, set by scfm-train
 
@@ -104,10 +136,7 @@ class PretrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the vocabulary, encoding and architecture (``scfm.bundle.load_pretrained`` reads a checkpoint)."""
         if self.bundle_context is not None:
-            import dataclasses
-
             from scfm.bundle import CHECKPOINT_KEY
-            from scfm.model import architecture_kind
 
             checkpoint[CHECKPOINT_KEY] = {**self.bundle_context, "prefix": "model.", "architecture": {
                 "kind": architecture_kind(self.model), "config": dataclasses.asdict(self.model.config)}}

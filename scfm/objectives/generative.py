@@ -35,10 +35,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from scfm.errors import ScfmInputError
-from scfm.model.scgpt import ScGPTConfig, ScGPTModel, ecs_loss
+from scfm.model.scgpt import ScGPTModel, ecs_loss
 from scfm.objectives.base import Needs, PretrainingModule
 
 __all__ = [
@@ -103,7 +103,8 @@ def _bernoulli_nll(probs: Tensor, target: Tensor) -> Tensor:
 
 
 class GenerativePretraining(PretrainingModule):
-    """scGPT model trained with the generative objective (GEP + GEPC); see the module docstring.
+    """An injected scGPT model (:class:`~scfm.model.scgpt.ScGPTModel`) trained with the generative objective (GEP +
+    GEPC); see the module docstring.
 
     Logs ``loss``, ``gep_mse``, ``gepc_mse`` (with ``model.mvc``), ``mean_mse`` (running per-gene mean
     baseline), ``unknown_fraction`` and, when enabled, ``feedback_mse``, ``ecs``, ``dab``, ``zero_nll``.
@@ -113,15 +114,15 @@ class GenerativePretraining(PretrainingModule):
     NEEDS: ClassVar[Needs] = Needs(encodings=("bin",), architectures=("scgpt",), masks=frozenset({"generative"}),
                                    what="regresses scGPT's binned values (values + values_bin)")
 
-    def __init__(self, model: dict[str, Any], data: dict[str, Any],
+    def __init__(self, backbone: nn.Module | None = None, data: dict[str, Any] | None = None,
                  unknown_fractions: Sequence[float] = (0.25, 0.5, 0.75), fraction_per: str = "batch",
                  gep_weight: float = 1.0, gepc_weight: float = 1.0, ecs_weight: float = 10.0,
                  dab_weight: float = 1.0, zero_prob_weight: float = 1.0, cls_feedback_after: int = 1000,
                  target: str | None = None, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000, scheduler: str = "cosine",
-                 total_steps: int | None = None, seed: int = 0) -> None:
-        super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         scheduler=scheduler, total_steps=total_steps, seed=seed)
+                 total_steps: int | None = None, seed: int = 0, architecture: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         scheduler=scheduler, total_steps=total_steps, seed=seed, architecture=architecture)
         fractions = [float(f) for f in unknown_fractions]
         if not fractions or not all(0.0 < f < 1.0 for f in fractions):
             raise ScfmInputError(f"unknown_fractions must be fractions in (0, 1), got {fractions}",
@@ -129,11 +130,6 @@ class GenerativePretraining(PretrainingModule):
         if fraction_per not in ("batch", "cell"):
             raise ScfmInputError(f"fraction_per must be batch or cell, got {fraction_per!r}",
                                  where="objective.fraction_per")
-        arch = dict(model)
-        if arch.get("cls_id") is None and int(data.get("cls_id", -1)) >= 0:
-            arch["cls_id"] = int(data["cls_id"])
-        self.config = ScGPTConfig(**arch)
-        self.model = ScGPTModel(self.config)
         c = self.config
         self.target_key = target or c.value_key
         if self.target_key not in ("values_bin", "values"):

@@ -6,9 +6,8 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from scfm.model.bert import BertConfig, BertForMaskedGeneModeling
 from scfm.objectives.base import Needs, PretrainingModule, warmup_schedule
 
 __all__ = ["IGNORE", "MaskedGeneModeling", "mask_genes", "warmup_schedule"]
@@ -32,7 +31,8 @@ def mask_genes(gene_ids: Tensor, maskable: Tensor, generator: torch.Generator, m
 
 
 class MaskedGeneModeling(PretrainingModule):
-    """BERT encoder + MLM head trained to recover masked genes of rank-encoded cells.
+    """BERT encoder + MLM head (an injected :class:`~scfm.model.bert.BertForMaskedGeneModeling`) trained to recover
+    masked genes of rank-encoded cells.
 
     Logs loss, masked-gene accuracy and the accuracy of always predicting the most frequent masked gene
     seen so far in training (``freq_baseline_acc``).
@@ -42,17 +42,13 @@ class MaskedGeneModeling(PretrainingModule):
     NEEDS: ClassVar[Needs] = Needs(encodings=("rank",), architectures=("bert",),
                                    what="predicts gene ids from rank-ordered genes")
 
-    def __init__(self, model: dict[str, Any], data: dict[str, Any], mask_prob: float = 0.15, mask_ratio: float = 0.8,
-                 random_ratio: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.001,
+    def __init__(self, backbone: nn.Module | None = None, data: dict[str, Any] | None = None, mask_prob: float = 0.15,
+                 mask_ratio: float = 0.8, random_ratio: float = 0.1, lr: float = 1e-3, weight_decay: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000, scheduler: str = "linear",
-                 total_steps: int | None = None, seed: int = 0) -> None:
-        super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         scheduler=scheduler, total_steps=total_steps, seed=seed)
-        arch = dict(model)
-        if arch.get("first_gene_id") is None and data.get("first_gene_id") is not None:
-            arch["first_gene_id"] = int(data["first_gene_id"])  # gene_embeddings tells genes from specials
-        self.config = BertConfig(**arch)
-        self.model = BertForMaskedGeneModeling(self.config)
+                 total_steps: int | None = None, seed: int = 0, architecture: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, data, lr=lr, weight_decay=weight_decay, betas=betas,
+                         warmup_steps=warmup_steps, scheduler=scheduler, total_steps=total_steps, seed=seed,
+                         architecture=architecture)
         self.register_buffer("label_counts", torch.zeros(self.config.vocab_size, dtype=torch.long))
 
     def forward(self, batch: Any) -> dict[str, Tensor]:

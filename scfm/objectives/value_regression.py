@@ -1,7 +1,7 @@
 """scFoundation / xTrimoGene's masked value regression as a LightningModule (objective ``value_regression``).
 
 The masking, read-depth-aware down-sampling and the T/S depth tokens all come from ``encoding=continuous``
-(``value_mask``, ``values``, ``target_values``); this module runs :class:`scfm.model.xtrimo.XtrimoModel` and
+(``value_mask``, ``values``, ``target_values``); this module runs its :class:`scfm.model.xtrimo.XtrimoModel` and
 takes the mean squared error between its predicted values and the raw cell's log-normalised values at the masked
 genes (masked non-zero genes and the few masked zero genes together, as scFoundation).
 
@@ -21,41 +21,27 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from scfm.errors import ScfmInputError
-from scfm.model.xtrimo import XtrimoConfig, XtrimoModel
 from scfm.objectives.base import Needs, PretrainingModule
 
 __all__ = ["ValueRegression"]
 
 
 class ValueRegression(PretrainingModule):
-    """xTrimoGene encoder-decoder trained to regress masked gene values of continuous-encoded cells."""
+    """An injected xTrimoGene encoder-decoder (:class:`~scfm.model.xtrimo.XtrimoModel`) trained to regress masked
+    gene values of continuous-encoded cells."""
 
     NAME: ClassVar[str] = "value_regression"
     NEEDS: ClassVar[Needs] = Needs(encodings=("continuous",), architectures=("xtrimo",),
                                    what="regresses continuous expression values (scFoundation)")
 
-    def __init__(self, model: dict[str, Any], data: dict[str, Any], lr: float = 1e-4, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000, scheduler: str = "cosine",
-                 total_steps: int | None = None, seed: int = 0) -> None:
-        super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         scheduler=scheduler, total_steps=total_steps, seed=seed)
-        fields = dict(model)
-        max_len = data.get("max_len")
-        if fields.get("max_seq_len") is None:
-            if max_len is None:
-                raise ScfmInputError("model.max_seq_len is null and the data does not say the cells' length",
-                                     where="model.max_seq_len", fix="set model.max_seq_len to n_genes + 2")
-            fields["max_seq_len"] = int(max_len)
-        elif max_len is not None and max_len > fields["max_seq_len"]:
-            raise ScfmInputError(f"cells have {max_len} tokens (the gene list + T, S) but model.max_seq_len="
-                                 f"{fields['max_seq_len']}", where="config groups model + encoding",
-                                 fix=f"set model.max_seq_len>={max_len} or null (sized from the data), or a shorter "
-                                     "encoding.gene_list")
-        self.config = XtrimoConfig(**fields)
-        self.model = XtrimoModel(self.config)
+    def __init__(self, backbone: nn.Module | None = None, data: dict[str, Any] | None = None, lr: float = 1e-4,
+                 weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 10_000,
+                 scheduler: str = "cosine", total_steps: int | None = None, seed: int = 0,
+                 architecture: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         scheduler=scheduler, total_steps=total_steps, seed=seed, architecture=architecture)
         n = self.config.max_seq_len  # running sums per layout position (= per gene of the fixed list)
         for name in ("gene_sum", "gene_count", "masked_sum", "masked_count"):
             self.register_buffer(name, torch.zeros(n, dtype=torch.float64))

@@ -1,10 +1,12 @@
-"""What every downstream task shares: a backbone from a bundle or from scratch, frozen layers, declared needs.
+"""What every downstream task shares: an injected backbone (from a bundle or from scratch), frozen layers, declared
+needs.
 
-``scfm-train task=<name> pretrained=<bundle>`` builds a task as ``instantiate(cfg.task, architecture=<kind>,
-model=<architecture config as a dict>, data=<data facts>)``: the architecture comes from the bundle (or from
-``cfg.model`` when ``pretrained=null``), the encoding too (so cells are encoded as in pretraining), and the bundle's
-weights are loaded into ``self.model`` with :meth:`TaskModule.load_weights`. The optimiser, warm-up schedule and
-NaN guard are the pretraining objectives' (:class:`~scfm.objectives.base.PretrainingModule`).
+``scfm-train task=<name> pretrained=<bundle>`` builds the backbone once, with the bundle's architecture and weights
+(from ``cfg.model``, randomly initialised, when ``pretrained=null``), and instantiates ``cfg.task`` with
+``backbone=<model>``, ``data=<data facts>`` and ``pretrained``; the bundle's encoding reads the cells, so they are
+encoded as in pretraining. The task then freezes ``freeze_layers`` (:meth:`TaskModule.apply_freeze`). The backbone
+is ``self.model``; the optimiser, warm-up schedule, NaN guard and checkpoint reloading are the pretraining
+objectives' (:class:`~scfm.objectives.base.PretrainingModule`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from scfm.errors import ScfmInputError
-from scfm.model import build_architecture, encoder_layers
+from scfm.model import encoder_layers
 from scfm.objectives.base import Needs, PretrainingModule
 
 __all__ = ["TaskModule", "freeze"]
@@ -56,19 +58,19 @@ class TaskModule(PretrainingModule):
     Subclasses set ``NAME``, ``NEEDS`` and ``STAGE`` and implement :meth:`step` (``fit``) or ``predict_step``.
     """
 
+    GROUP: ClassVar[str] = "task"
     NAME: ClassVar[str] = "task"
     NEEDS: ClassVar[Needs] = Needs()
     STAGE: ClassVar[str] = "fit"  # fit: trainer.fit; predict: trainer.predict over every cell
     ENCODING_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {}  # per encoding kind: fields set for this task
 
-    def __init__(self, architecture: str, model: dict[str, Any], data: dict[str, Any], pretrained: str | None = None,
-                 freeze_layers: int | str = 0, lr: float = 1e-4, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, scheduler: str = "linear",
-                 total_steps: int | None = None, seed: int = 0) -> None:
-        super().__init__(model, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                         scheduler=scheduler, total_steps=total_steps, seed=seed)
-        self.model = build_architecture(architecture, model)
-        self.config = self.model.config
+    def __init__(self, backbone: nn.Module | None = None, data: dict[str, Any] | None = None,
+                 pretrained: str | None = None, freeze_layers: int | str = 0, lr: float = 1e-4,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 scheduler: str = "linear", total_steps: int | None = None, seed: int = 0,
+                 architecture: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, data, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                         scheduler=scheduler, total_steps=total_steps, seed=seed, architecture=architecture)
         self.output_dir: Path | None = None  # set by scfm-train: where the task writes its outputs
 
     def load_weights(self, backbone: nn.Module) -> None:

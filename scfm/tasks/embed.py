@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from scfm.objectives.base import Needs
 from scfm.tasks.base import TaskModule
@@ -32,9 +33,11 @@ class EmbedCells(TaskModule):
     ENCODING_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {  # per encoding kind: deterministic for inference
         "continuous": {"mask_nonzero": 0.0, "mask_zero": 0.0, "downsample_prob": 0.0}}
 
-    def __init__(self, architecture: str, model: dict[str, Any], data: dict[str, Any], pretrained: str | None = None,
-                 pool: str | None = None, freeze_layers: int | str = "all", seed: int = 0) -> None:
-        super().__init__(architecture, model, data, pretrained=pretrained, freeze_layers=freeze_layers, seed=seed)
+    def __init__(self, backbone: nn.Module | None = None, data: dict[str, Any] | None = None,
+                 pretrained: str | None = None, pool: str | None = None, freeze_layers: int | str = "all",
+                 seed: int = 0, architecture: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, data, pretrained=pretrained, freeze_layers=freeze_layers, seed=seed,
+                         architecture=architecture)
         self._rows: list[np.ndarray] = []
         self._index: list[np.ndarray] = []
         self._started = 0.0
