@@ -196,7 +196,7 @@ def _finish(trainer: Any, module: Any, cfg: DictConfig, out: Path, last: Path) -
     if trainer.interrupted:
         return None
     if trainer.global_step != _checkpoint_step(last):
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)  # the full state: resume=last continues from it
     sharded = str((cfg.get("strategy") or {}).get("name", "single")).startswith(("fsdp", "deepspeed"))
     if sharded or not trainer.is_global_zero:
         return None
