@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scfm.cli import print_summary
+from scfm.cli import print_summary, quiet_known_warnings
 from scfm.errors import ScfmInputError
 
 
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scfm-generate``; prints one JSON summary line, returns the exit status."""
     args = _arguments().parse_args(argv)
+    quiet_known_warnings()
     return print_summary("scfm-generate", lambda: run(args))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from scfm.cli import conf_dir
+from scfm.cli import conf_dir, quiet_known_warnings
 from scfm.config.scale import apply_scale
 from scfm.config.validate import validate
 from scfm.errors import ScfmInputError
@@ -126,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from scfm.training import AtomicCheckpointIO, DataEpoch, LossPlot, RNGState, stale_checkpoint_parts
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     cfg = apply_scale(cfg)  # scale=<name> shrinks the preset (explicit command-line values win); no-op without it
     validate(cfg)
     out = Path(cfg.paths.output_dir)
@@ -236,17 +236,6 @@ def _keep_previous_metrics(path: Path) -> Path:
         n += 1
     path.rename(target)
     return target
-
-
-def _quiet_known_warnings() -> None:
-    """Silence third-party deprecation chatter that says nothing about the user's run."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*set_vital.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")  # ours is exact
-    # our configure_gradient_clipping hands DeepSpeed runs to Lightning's default, so DeepSpeed clips as configured
-    warnings.filterwarnings("ignore", message=".*Since DeepSpeed handles gradient clipping internally.*")
 
 
 def _report(result: dict[str, Any]) -> None:
