@@ -73,15 +73,6 @@ class TaskModule(PretrainingModule):
                          scheduler=scheduler, total_steps=total_steps, seed=seed, architecture=architecture)
         self.output_dir: Path | None = None  # set by scfm-train: where the task writes its outputs
 
-    def load_weights(self, backbone: nn.Module) -> None:
-        """Copy a pretrained backbone's parameters and buffers (same architecture), then freeze as configured."""
-        missing, unexpected = self.model.load_state_dict(backbone.state_dict(), strict=False)
-        if missing or unexpected:
-            raise ScfmInputError(f"the bundle's weights do not fit the task's model (missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]})", where="pretrained",
-                                 fix="use the bundle's own architecture settings (drop model.* overrides)")
-        self.apply_freeze()
-
     def apply_freeze(self) -> int:
         """Freeze ``freeze_layers`` of the backbone (see :func:`freeze`)."""
         return freeze(self.model, self.hparams.freeze_layers)
