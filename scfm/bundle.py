@@ -206,10 +206,23 @@ def read_bundle(path: str | Path) -> Bundle:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ScfmInputError(f"config.yaml is not an {FORMAT} config", where=str(cfg_path), fix=fix)
     version = config.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int) or version < 1:
+        raise ScfmInputError(f"config.yaml has no valid format version ({version!r})", where=str(cfg_path), fix=fix)
+    if version > VERSION:
         raise ScfmInputError(f"bundle format version {version} is newer than this scfm reads (version {VERSION})",
                              where=str(cfg_path), fix="upgrade scfm (pip install -U scfm) to read this bundle")
-    for name, meta in (config.get("files") or {}).items():
+    files = config.get("files")
+    missing = [k for k in ("architecture", "encoding", "files") if not isinstance(config.get(k), dict)]
+    bad = [n for n, m in (files or {}).items() if not isinstance(m, dict) or not {"bytes", "sha256"} <= set(m)]
+    unlisted = [_ARRAY_FILES.get(a, a) for a in config.get("encoding_arrays", []) if _ARRAY_FILES.get(a) not in
+                (files or {})]
+    if missing or bad or unlisted:
+        what = "; ".join(p for p in (missing and f"no {', '.join(missing)} section",
+                                     bad and f"no size / sha256 for {', '.join(bad)}",
+                                     unlisted and f"{', '.join(unlisted)} not listed") if p)
+        raise ScfmInputError(f"config.yaml is incomplete: {what}", where=str(cfg_path),
+                             fix="the bundle was edited or damaged; re-export it")
+    for name, meta in files.items():
         file = folder / name
         if not file.is_file():
             raise ScfmInputError(f"the bundle's {name} is missing", where=str(file),

@@ -149,3 +149,18 @@ def test_a_checkpoint_without_vocabulary_is_refused(run, tmp_path):
 def test_labels_travel_with_the_bundle(run, pbmc_corpus):
     labels = json.loads((Path(run["bundle"]) / "labels.json").read_text())
     assert labels == pbmc_corpus.labels and read_bundle(run["bundle"]).labels == labels
+
+
+def test_an_incomplete_config_is_refused(bundle_copy):
+    cfg_path = bundle_copy / "config.yaml"
+    config = yaml.safe_load(cfg_path.read_text())
+    del config["files"]["gene_medians.tsv"]["bytes"]
+    cfg_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ScfmInputError, match=r"incomplete: no size / sha256 for gene_medians\.tsv"):
+        read_bundle(bundle_copy)
+    cfg_path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "encoding"}))
+    with pytest.raises(ScfmInputError, match="no encoding section"):
+        read_bundle(bundle_copy)
+    cfg_path.write_text(yaml.safe_dump({**config, "version": 0}))
+    with pytest.raises(ScfmInputError, match="no valid format version"):
+        read_bundle(bundle_copy)

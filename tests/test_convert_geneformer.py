@@ -334,3 +334,20 @@ def test_cli_errors_and_registry(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "geneformer" in CONVERTERS
     assert main(["geneformer", str(tmp_path), str(tmp_path / "x.pt")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_a_v1_model_keeps_its_layout_when_re_indexed(hf_dir: Path, tmp_path: Path) -> None:
+    """The layout is the model's own (its dictionary has no <cls>/<eos>), not the target vocabulary's; the bundle's
+    config tells genes from special tokens."""
+    from scfm.bundle import load_pretrained
+
+    tokens = _token_dict()
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    genes = [t for t in tokens if not t.startswith("<")]
+    (tmp_path / "medians.json").write_text(json.dumps({g: 1.0 for g in genes}))
+    target = Vocab.build(genes[:30])  # scfm's own vocabulary: <pad> <mask> <cls> <eos> + genes
+    target.save(tmp_path / "vocab.tsv")
+    assert main(["geneformer", str(hf_dir), str(tmp_path / "b"), "--token-dictionary", str(tmp_path / "tokens.json"),
+                 "--gene-medians", str(tmp_path / "medians.json"), "--vocab", str(tmp_path / "vocab.tsv")]) == 0
+    model, encoding, vocab = load_pretrained(tmp_path / "b")
+    assert encoding.layout == "v1" and model.config.first_gene_id == vocab.n_special == 4

@@ -118,3 +118,20 @@ def test_every_architecture_exposes_its_layers(kind, path):
         fields |= {"decoder_layers": 1, "decoder_hidden": 8, "decoder_heads": 2, "decoder_ffn": 16, "max_seq_len": 40}
     model = build_architecture(kind, fields)
     assert len(encoder_layers(model)) == 2
+
+
+def test_a_bundle_with_conditions_needs_the_same_conditions_and_labels(tmp_path, cache_dir):
+    """A model with a batch embedding reads only data whose batch labels are its own (or it indexes out of range)."""
+    pre = train(compose_train(tmp_path / "pre", *FAST, "data=synthetic", "data.builtin_params.n_cells=300",
+                              "data.builtin_params.n_genes=120", "data.conditions=[batch]", "trainer.max_steps=2"))
+    model = pre["bundle"]
+    with pytest.raises(ScfmInputError, match=r"(?s)pretrained with data.conditions=\['batch'\].*conditions=\[batch\]"):
+        validate(embed_cfg(tmp_path / "a", f"pretrained={model}", "data=synthetic",
+                           "data.builtin_params.n_cells=300", "data.builtin_params.n_genes=120"))
+    other = embed_cfg(tmp_path / "b", f"pretrained={model}", "data=synthetic", "data.builtin_params.n_cells=300",
+                      "data.builtin_params.n_genes=120", "data.builtin_params.n_batches=6", "data.conditions=[batch]")
+    with pytest.raises(ScfmInputError, match=r"(?s)the model embeds batch labels.*labels.json"):
+        train(other)
+    same = embed_cfg(tmp_path / "c", f"pretrained={model}", "data=synthetic", "data.builtin_params.n_cells=300",
+                     "data.builtin_params.n_genes=120", "data.conditions=[batch]")
+    assert train(same)["summary"]["cells"] == 300

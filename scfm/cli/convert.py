@@ -77,6 +77,7 @@ def _geneformer_run(args: argparse.Namespace) -> dict:
         if args.token_dictionary is not None or args.vocab is not None:
             raise
         vocab = None  # unknown dictionary and no remapping asked: write the weights without a vocabulary
+    layout = "v2" if vocab is not None and {"<cls>", "<eos>"} <= set(vocab.specials) else "v1"  # the model's own
     if args.vocab is not None:
         config, ours, counts = remap_vocab(config, ours, vocab, as_vocab(args.vocab))
         vocab = as_vocab(args.vocab)
@@ -91,7 +92,7 @@ def _geneformer_run(args: argparse.Namespace) -> dict:
                                  "a .pt file instead")
     model = build_model({"config": dataclasses.asdict(config), "state_dict": ours}, BertConfig,
                         BertForMaskedGeneModeling)
-    encoding = geneformer_encoding(config, vocab, medians)
+    encoding = geneformer_encoding(config, vocab, medians, layout)
     summary["out"] = str(write_converted_bundle(args.out, model, encoding, vocab, {"converter": "geneformer",
                                                 "checkpoint": str(Path(args.hf_dir).resolve())}))
     summary["encoding"] = f"rank {encoding.layout}, input {encoding.max_len}"

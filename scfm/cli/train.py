@@ -77,6 +77,8 @@ def _build(cfg: DictConfig) -> tuple[Any, Any]:
         datamodule = build_datamodule(cfg, encoding)
         kind = architecture_kind(str(cfg.model._target_))
     vocab = datamodule.vocab if bundle is None else bundle.vocab
+    if bundle is not None:
+        _check_bundle_labels(bundle, datamodule.corpus)
     facts = data_facts(vocab, datamodule.corpus.labels, datamodule.encoding)
     if bundle is None:
         model_cfg = instantiate(cfg.model, _convert_="all", vocab_size=len(vocab), pad_id=vocab.special_id("<pad>"),
@@ -91,6 +93,20 @@ def _build(cfg: DictConfig) -> tuple[Any, Any]:
     module.bundle_context = checkpoint_context(datamodule.encoding, vocab, datamodule.corpus.labels,
                                                {"corpus": str(Path(datamodule.corpus.path).resolve())})
     return datamodule, module
+
+
+def _check_bundle_labels(bundle: Any, corpus: Any) -> None:
+    """The model's condition embeddings are indexed by its own label vocabularies: the corpus must have the same."""
+    for role in bundle.config["architecture"]["config"].get("conditions") or []:
+        if role == "modality":
+            continue
+        ours, theirs = list(corpus.labels.get(role, [])), list(bundle.labels.get(role, []))
+        if ours != theirs:
+            raise ScfmInputError(f"the model embeds {role} labels {theirs[:5]}{' ...' if len(theirs) > 5 else ''} "
+                                 f"({len(theirs)}), the corpus has {ours[:5]}{' ...' if len(ours) > 5 else ''} "
+                                 f"({len(ours)})", where=str(corpus.path),
+                                 fix=f"use a corpus with the model's {role} labels (its labels.json), or a model "
+                                     f"pretrained without data.conditions=[{role}]")
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -191,11 +207,11 @@ def _predict(cfg: DictConfig, datamodule: Any, module: Any, out: Path) -> dict[s
 def _finish(trainer: Any, module: Any, cfg: DictConfig, out: Path, last: Path) -> str | None:
     """After a completed fit: ``last.ckpt`` holds the final state (the periodic one may be older), and rank 0
     writes the model bundle ``<output_dir>/model`` from the same state. Returns the bundle's path, or None when
-    training was interrupted or the strategy shards the parameters (fsdp, deepspeed: make the bundle from
-    ``last.ckpt`` with ``scfm.bundle`` afterwards)."""
+    training was interrupted or the strategy shards the parameters (fsdp, deepspeed: not written yet)."""
     if trainer.interrupted:
         return None
-    if trainer.global_step != _checkpoint_step(last):
+    stale = trainer.global_step != _checkpoint_step(last) if trainer.is_global_zero else None
+    if trainer.strategy.broadcast(stale, src=0):  # rank 0 decides: saving is collective (it ends in a barrier)
         trainer.save_checkpoint(last, weights_only=False)  # the full state: resume=last continues from it
     sharded = str((cfg.get("strategy") or {}).get("name", "single")).startswith(("fsdp", "deepspeed"))
     if sharded or not trainer.is_global_zero:
@@ -206,7 +222,7 @@ def _finish(trainer: Any, module: Any, cfg: DictConfig, out: Path, last: Path) -
 
     source = {"kind": "scfm-train", "run": str(out.resolve()), "checkpoint": str(last.resolve()),
               "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-              "objective": str(cfg.objective.get("_target_")),
+              "module": str(module_node(cfg)[1].get("_target_")),
               "created": datetime.now(UTC).isoformat(timespec="seconds")}
     return str(bundle_from_module(out / "model", module, source))
 

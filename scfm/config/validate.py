@@ -48,7 +48,8 @@ def validate(cfg: DictConfig) -> None:
     architectures, attention masks, a bundle), the encoding's ``kind``, the architecture's entry in
     ``scfm.model.ARCHITECTURES`` (packed batches) and the attention kernel's ``KernelSpec`` (masks, CUDA, packages).
     Hardware is checked against the machine this runs on; each message gives a valid alternative. The model config
-    is built (with placeholder sizes) so its own checks run here too. A module's own ``check_config(cfg)`` runs last.
+    is built (with placeholder sizes) so its own checks run here too. A module may add rules of its own in a static
+    ``check_config(cfg)``, which runs last.
     """
     if cfg.get("scale") is not None and not cfg.scale.get("applied", False):
         raise ScfmInputError(f"scale={cfg.scale.get('name')} is in the config but was not applied", where="scale",
@@ -146,21 +147,33 @@ def _check_needs(cfg: DictConfig, parts: Parts) -> None:
     if needs is None:
         return
     who = f"{parts.group}={parts.name}"
-    if needs.pretrained and parts.bundle is None:
-        raise ScfmInputError(f"{who} {needs.what} and needs a pretrained model", where=f"config group {parts.group}",
-                             fix="set pretrained=<bundle folder> (a run's <output_dir>/model, or scfm-convert's)")
-    if needs.encodings and parts.encoding not in needs.encodings:
-        group = "pretrained" if parts.bundle is not None else "encoding"
-        raise ScfmInputError(f"{who} {needs.what} and needs encoding={' or '.join(needs.encodings)}, not "
-                             f"encoding={parts.encoding}", where=f"config groups {parts.group} + {group}",
-                             fix=f"use {_options('encoding', needs.encodings)} with {who}")
+    bundle = parts.bundle
+    if bundle is not None:
+        theirs = list(bundle.config["architecture"]["config"].get("conditions") or [])
+        ours = list((cfg.get("data") or {}).get("conditions") or [])
+        if sorted(theirs) != sorted(ours):
+            raise ScfmInputError(f"the model was pretrained with data.conditions={theirs}, this run has {ours}",
+                                 where="config groups pretrained + data",
+                                 fix=f"set data.conditions=[{','.join(theirs)}] (on a corpus with those labels)")
+    if bundle is not None and needs.encodings and parts.encoding not in needs.encodings:
+        raise ScfmInputError(f"{who} {needs.what} and needs encoding={' or '.join(needs.encodings)}, but the model "
+                             f"in pretrained= reads encoding={parts.encoding}",
+                             where=f"config groups {parts.group} + pretrained",
+                             fix=f"use a bundle trained on encoding={' or '.join(needs.encodings)}, or an "
+                                 f"{parts.group} that fits this one")
+    needs.check_encoding(who, parts.encoding, where=f"config groups {parts.group} + encoding",
+                         fix=f"use {_options('encoding', needs.encodings)} with {who}")
     if needs.architectures and parts.architecture not in needs.architectures:
         from scfm.model import ARCHITECTURES
 
         names = " / ".join(ARCHITECTURES[a].description for a in needs.architectures)
-        group = "pretrained" if parts.bundle is not None else "model"
+        if bundle is not None:
+            raise ScfmInputError(f"{who} trains the {names} architecture, the model in pretrained= is "
+                                 f"{parts.architecture}", where=f"config groups {parts.group} + pretrained",
+                                 fix=f"use a {' or '.join(needs.architectures)} bundle, or an {parts.group} that "
+                                     "fits this one")
         raise ScfmInputError(f"{who} trains the {names} architecture, not {parts.architecture}",
-                             where=f"config groups {parts.group} + {group}",
+                             where=f"config groups {parts.group} + model",
                              fix=f"use {_options('model', needs.architectures)}")
     batching = cfg.get("batching") or {}
     if parts.architecture is not None and batching.get("strategy") == "packed":

@@ -93,9 +93,13 @@ def build_model(payload: Mapping[str, Any], config_cls: type, model_cls: type[M]
 
 def write_converted_bundle(folder: str | Path, model: nn.Module, encoding: Any, vocab: Vocab,
                            source: Mapping[str, Any]) -> Path:
-    """Write a converted model as a model bundle (``scfm.bundle``), with the encoding its recipe uses."""
+    """Write a converted model as a model bundle (``scfm.bundle``), with the encoding its recipe uses; config fields
+    that come from the data (``first_gene_id``, ``cls_id``) are filled in from ``vocab`` first."""
     from scfm.bundle import write_bundle
+    from scfm.model import architecture_kind, complete_config
     from scfm.objectives.base import data_facts
 
-    return write_bundle(folder, model.eval(), encoding, vocab, data_facts(vocab, None, encoding),
-                        {"kind": "scfm-convert", **source})
+    facts = data_facts(vocab, None, encoding)
+    for key, value in complete_config(architecture_kind(model), dataclasses.asdict(model.config), facts).items():
+        setattr(model.config, key, value)
+    return write_bundle(folder, model.eval(), encoding, vocab, facts, {"kind": "scfm-convert", **source})

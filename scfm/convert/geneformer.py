@@ -425,9 +425,10 @@ def load_converted(path: str | Path, attention: str | None = None) -> tuple[Bert
     return model, vocab_from_dict(payload.get("vocab"))
 
 
-def geneformer_encoding(config: BertConfig, vocab: Vocab, medians: str | Path | dict[str, float]) -> RankEncoding:
-    """Geneformer's rank encoding for a converted model, bound to ``vocab``: V2 layout (``<cls>`` genes ``<eos>``)
-    when the vocabulary has those tokens, else V1; input ``config.max_position``; the gene medians of
+def geneformer_encoding(config: BertConfig, vocab: Vocab, medians: str | Path | dict[str, float],
+                        layout: str) -> RankEncoding:
+    """Geneformer's rank encoding for a converted model, bound to ``vocab``: ``layout`` v2 (``<cls>`` genes ``<eos>``,
+    models whose own dictionary has those tokens) or v1; input ``config.max_position``; the gene medians of
     ``medians`` (a built-in name ``geneformer_gc30M`` / ``geneformer_gc95M``, a ``.json`` or ``.pkl`` file, or the
     table itself)."""
     from scfm.encodings.rank import medians_from_table
@@ -441,8 +442,7 @@ def geneformer_encoding(config: BertConfig, vocab: Vocab, medians: str | Path | 
                                  fix="give geneformer_gc30M, geneformer_gc95M or Geneformer's "
                                      "gene_median_dictionary (.json / .pkl)")
         medians = _read_plain_dict(path)
-    v2 = "<cls>" in vocab.specials and "<eos>" in vocab.specials
-    encoding = RankEncoding(max_len=config.max_position, layout="v2" if v2 else "v1", gene_medians=where)
+    encoding = RankEncoding(max_len=config.max_position, layout=layout, gene_medians=where)
     return encoding.bind_arrays(vocab, {"gene_medians": medians_from_table(dict(medians), vocab, where)})
 
 

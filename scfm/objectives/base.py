@@ -35,7 +35,6 @@ class Needs:
     encodings: tuple[str, ...] = ()  # encoding kinds it reads (``encoding.kind``)
     architectures: tuple[str, ...] = ()  # architectures it trains (``scfm.model.ARCHITECTURES``)
     masks: frozenset[str] = field(default_factory=frozenset)  # attention layouts it uses beyond padding: generative
-    pretrained: bool = False  # needs ``pretrained=<bundle>``
     what: str = ""  # what it does, for messages: "predicts gene ids from rank-ordered genes"
 
     def check_encoding(self, who: str, kind: str | None, where: str, fix: str) -> None:
