@@ -254,6 +254,13 @@ def checkpoint_context(encoding: Any, vocab: Vocab, labels: dict[str, list[str]]
             "labels": dict(labels or {}), "source": dict(source or {})}
 
 
+def _context_encoding(context: dict[str, Any]) -> tuple[Any, Vocab]:
+    """(the bound encoding, the vocabulary) a checkpoint context carries (:func:`checkpoint_context`)."""
+    vocab = Vocab.from_dict(context["vocab"])
+    arrays = {k: t.numpy() for k, t in context["arrays"].items()}
+    return encoding_from_spec(context["encoding"], vocab, arrays), vocab
+
+
 def _from_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module, Any, Vocab]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -265,14 +272,13 @@ def _from_checkpoint(path: Path, device: str | torch.device) -> tuple[nn.Module,
         raise ScfmInputError("this checkpoint carries no vocabulary (written before model bundles, or not by "
                              "scfm-train)", where=str(path),
                              fix="use the run's bundle (<output_dir>/model), or train again with this scfm")
-    vocab = Vocab.from_dict(context["vocab"])
+    encoding, vocab = _context_encoding(context)
     arch = context["architecture"]
     model = build_architecture(arch["kind"], arch["config"])
     prefix = context.get("prefix", "model.")
     state = {k[len(prefix):]: t for k, t in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=True)
-    arrays = {k: t.numpy() for k, t in context["arrays"].items()}
-    return model.to(device).eval(), encoding_from_spec(context["encoding"], vocab, arrays), vocab
+    return model.to(device).eval(), encoding, vocab
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, Vocab]:
@@ -290,8 +296,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
 def bundle_from_module(folder: str | Path, module: Any, source: dict[str, Any]) -> Path:
     """Write the bundle of a trained objective or task (its ``model`` and the context ``scfm-train`` gave it)."""
     context = module.bundle_context
-    vocab = Vocab.from_dict(context["vocab"])
-    arrays = {k: t.numpy() for k, t in context["arrays"].items()}
-    encoding = encoding_from_spec(context["encoding"], vocab, arrays)
+    encoding, vocab = _context_encoding(context)
     source = {**context.get("source", {}), **source}
     return write_bundle(folder, module.model, encoding, vocab, dict(module.hparams.data), source, context["labels"])
